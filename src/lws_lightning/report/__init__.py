@@ -1,0 +1,1 @@
+"""Tables and figures over finished runs."""
