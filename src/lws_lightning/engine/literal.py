@@ -35,6 +35,10 @@ class LiteralEngine:
 
     name = "literal"
 
+    def predict(self, net: MultiTaskNet, x: Tensor, task: int, path: Tensor) -> Tensor:
+        """Return task ``task``'s logits for ``x`` under one path of banks ([layers])."""
+        return net.forward_task(x, task, path)
+
     @torch.no_grad()
     def evaluate(self, net: MultiTaskNet, x: Tensor, y: Tensor, assignments: Tensor) -> Tensor:
         """Return the loss of each assignment in ``assignments`` ([λ, layers, tasks])."""

@@ -21,6 +21,10 @@ class Engine(Protocol):
 
     name: str
 
+    def predict(self, net: MultiTaskNet, x: Tensor, task: int, path: Tensor) -> Tensor:
+        """Return one task's logits under one path of banks."""
+        ...
+
     def evaluate(self, net: MultiTaskNet, x: Tensor, y: Tensor, assignments: Tensor) -> Tensor:
         """Return each assignment's loss, without gradients."""
         ...
