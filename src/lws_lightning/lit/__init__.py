@@ -1,0 +1,5 @@
+"""Lightning wiring of the LWS core."""
+
+from lws_lightning.lit.module import LWSModule
+
+__all__ = ["LWSModule"]

@@ -1,0 +1,88 @@
+"""Wiring of one training run from a composed Hydra config; the algorithm lives elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lws_lightning.config_checks import check_config
+from lws_lightning.lit.module import LWSModule
+from lws_lightning.results import collect_results, write_results
+
+log = logging.getLogger(__name__)
+
+# ModelCheckpoint warns under manual optimization that it saves the weights after the optimizer
+# step. That is the state a resumed run needs, since global_step counts finished steps.
+warnings.filterwarnings(
+    "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
+)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Build every node of a group (loggers, callbacks) that has a ``_target_``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> LWSModule:
+    """Build the LWS module for ``cfg.model`` on the tasks of ``datamodule``."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return LWSModule(
+        num_classes=datamodule.num_classes,
+        input_shape=datamodule.input_shape,
+        task_names=datamodule.task_names,
+        seed=int(cfg.seed),
+        **model,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test LWS as ``cfg`` says; write results into ``cfg.paths.output_dir``.
+
+    Returns:
+        The results that ``results.json`` holds.
+    """
+    check_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    try:
+        log.info(
+            "Training %s with %s sharing on %d tasks for %d iterations",
+            cfg.model.architecture,
+            cfg.model.sharing,
+            len(datamodule.num_classes),
+            cfg.trainer.max_steps,
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        results = collect_results(module, test_metrics)
+        if trainer.is_global_zero:
+            write_results(results, output_dir)
+            log.info(
+                "Test error %.4f (mean over tasks %.4f); weights %s",
+                results["test"]["error"],
+                results["test"]["error_task_mean"],
+                results["weights"],
+            )
+        return results
+    finally:
+        for logger in loggers:
+            finalize = getattr(logger, "finalize", None)
+            if finalize is not None:
+                finalize("success")
