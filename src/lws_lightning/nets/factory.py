@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lws_lightning.nets.convnets import dkl_convnet
+from lws_lightning.nets.convnets import dkl_convnet, routing_convnet, slo_convnet
 from lws_lightning.nets.multitask import MultiTaskNet
+from lws_lightning.nets.resnets import resnet18
 
 ARCHITECTURES: dict[str, Callable[..., MultiTaskNet]] = {
     "dkl_convnet": dkl_convnet,
+    "routing_convnet": routing_convnet,
+    "slo_convnet": slo_convnet,
+    "resnet18": resnet18,
 }
 
 
@@ -32,5 +36,8 @@ def build_net(
         )
     options = {key: value for key, value in options.items() if value is not None}
     return ARCHITECTURES[architecture](
-        num_banks=num_banks, num_classes=list(num_classes), input_shape=tuple(input_shape), **options
+        num_banks=num_banks,
+        num_classes=list(num_classes),
+        input_shape=tuple(input_shape),
+        **options,
     )
