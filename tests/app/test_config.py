@@ -1,0 +1,104 @@
+"""Composition of every experiment file and the start-up checks of a run config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lws_lightning.config_checks import check_config
+from lws_lightning.errors import UserInputError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+
+PAPER_SETTINGS = {
+    # name: (iterations, K, NES learning rate)
+    "dkl_mnist_convnet": (5000, 3, 0.01),
+    "cifar100_convnet": (4000, 20, 0.1),
+    "cifar100_resnet18": (20000, 20, 0.1),
+    "omniglot_convnet": (20000, 20, 0.01),
+    "omniglot_resnet18": (20000, 20, 0.01),
+}
+
+
+def test_experiment_files_present():
+    assert set(PAPER_SETTINGS) | {"mnist_trio_convnet"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(compose_config, experiment):
+    cfg = compose_config(f"experiment={experiment}")
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+    assert cfg.experiment_name == experiment
+    assert cfg.model.nes_samples == 8
+    assert cfg.model.sgd_samples == 8
+    assert cfg.model.lr == pytest.approx(1e-3)
+    assert cfg.data.batch_size == 16
+    assert cfg.trainer.val_check_interval == 200
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_SETTINGS))
+def test_experiment_matches_paper(compose_config, experiment):
+    cfg = compose_config(f"experiment={experiment}")
+    iterations, num_banks, nes_lr = PAPER_SETTINGS[experiment]
+    assert cfg.trainer.max_steps == iterations
+    assert cfg.model.num_banks == num_banks
+    assert cfg.model.nes_lr == pytest.approx(nes_lr)
+
+
+def test_default_experiment(compose_config):
+    cfg = compose_config()
+    assert cfg.experiment_name == "mnist_trio_convnet"
+    assert cfg.model.architecture == "dkl_convnet"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.num_banks=0", "model.num_banks=0"),
+        ("model.nes_samples=1", "model.nes_samples=1"),
+        ("model.sgd_samples=0", "model.sgd_samples=0"),
+        ("model.nes_lr=0", "model.nes_lr=0"),
+        ("model.nes_lr=-0.1", "model.nes_lr=-0.1"),
+        ("model.p_min=0.4", "model.p_min=0.4"),
+        ("model.sharing=partial", "model.sharing='partial'"),
+        ("trainer.max_steps=0", "trainer.max_steps=0"),
+        ("+trainer.gradient_clip_val=1.0", "model.grad_clip"),
+        ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4"),
+    ],
+)
+def test_invalid_setting_rejected(compose_config, override, named):
+    cfg = compose_config(override)
+    with pytest.raises(UserInputError) as error:
+        check_config(cfg)
+    assert named in str(error.value)
+
+
+def _run_app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lws_lightning", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_unknown_experiment_lists_choices(tmp_path):
+    result = _run_app("experiment=no_such_experiment", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_experiment" in result.stderr
+    assert "mnist_trio_convnet" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_override_one_paragraph(tmp_path):
+    result = _run_app("model.num_banks=0", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.num_banks=0 is invalid" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
