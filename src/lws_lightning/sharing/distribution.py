@@ -172,7 +172,8 @@ def clamp_to_simplex(probs: Tensor, mask: Tensor, p_min: float) -> Tensor:
     for _ in range(probs.shape[-1]):
         free = mask & ~at_floor
         free_mass = torch.where(free, probs.clamp_min(0), torch.zeros_like(probs)).sum(-1, True)
-        budget = 1.0 - p_min * at_floor.sum(-1, keepdim=True)
+        # Cast the count: an integer tensor times a float gives the default dtype (float32).
+        budget = 1.0 - p_min * at_floor.sum(-1, keepdim=True).to(probs.dtype)
         scale = budget / free_mass.clamp_min(1e-300)
         rescaled = torch.where(free, probs.clamp_min(0) * scale, torch.zeros_like(probs))
         result = torch.where(at_floor, torch.full_like(probs, p_min), rescaled)

@@ -28,7 +28,8 @@ def rank_utilities(losses: Tensor) -> Tensor:
             "Set model.nes_samples to 2 or more."
         )
     losses = torch.nan_to_num(losses, nan=float("inf"))
-    higher = (losses.unsqueeze(0) > losses.unsqueeze(1)).sum(1)
-    equal = (losses.unsqueeze(0) == losses.unsqueeze(1)).sum(1)
+    # Cast the counts, or the rank arithmetic below runs in the default dtype (float32).
+    higher = (losses.unsqueeze(0) > losses.unsqueeze(1)).sum(1).to(losses.dtype)
+    equal = (losses.unsqueeze(0) == losses.unsqueeze(1)).sum(1).to(losses.dtype)
     rank = 1.0 + higher + (equal - 1) / 2.0
     return 2.0 * (rank - 1.0) / (count - 1) - 1.0
