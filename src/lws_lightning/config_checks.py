@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from lws_lightning.errors import UserInputError
 from lws_lightning.sharing import SharingMode
 
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`UserInputError` naming the first invalid setting and its fix."""
     model = cfg.model

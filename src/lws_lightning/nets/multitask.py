@@ -73,10 +73,11 @@ class MultiTaskNet(nn.Module):
         return self.heads[task](h)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor, assignment: Tensor) -> list[Tensor]:
-        """Return each task's logits; ``inputs[t]`` is task t's batch, ``assignment`` [layers, tasks]."""
-        return [
-            self.forward_task(x, task, assignment[:, task]) for task, x in enumerate(inputs)
-        ]
+        """Return each task's logits; ``inputs[t]`` is task t's batch.
+
+        ``assignment`` holds bank indices of shape ``[layers, tasks]``.
+        """
+        return [self.forward_task(x, task, assignment[:, task]) for task, x in enumerate(inputs)]
 
     def weight_count(self, assignment: Tensor) -> int:
         """Count the weights of the task networks under ``assignment`` ([layers, tasks]).

@@ -32,9 +32,7 @@ class WeightBank(nn.Module):
         """Run task t's input through bank ``assignment[t]``, one call per task."""
         assignment = _as_index_list(assignment)
         if len(assignment) != len(inputs):
-            raise ValueError(
-                f"Got {len(inputs)} task inputs but {len(assignment)} bank indices."
-            )
+            raise ValueError(f"Got {len(inputs)} task inputs but {len(assignment)} bank indices.")
         return [self.banks[bank](x) for bank, x in zip(assignment, inputs, strict=True)]
 
     def bank_parameter_count(self, bank: int = 0) -> int:

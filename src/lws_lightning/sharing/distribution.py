@@ -75,7 +75,10 @@ class AssignmentDistribution(nn.Module):
     def from_assignment(
         cls, assignment: Tensor, num_banks: Sequence[int]
     ) -> AssignmentDistribution:
-        """Build a frozen one-hot distribution that always yields ``assignment`` ([layers, tasks])."""
+        """Build a frozen one-hot distribution that always yields ``assignment``.
+
+        ``assignment`` holds one bank index per layer and task, shape ``[layers, tasks]``.
+        """
         assignment = torch.as_tensor(assignment, dtype=torch.long)
         if assignment.dim() != 2 or assignment.shape[0] != len(num_banks):
             raise ValueError(
@@ -112,7 +115,7 @@ class AssignmentDistribution(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``num_samples`` assignments, returned as integers of shape ``[λ, layers, tasks]``."""
+        """Draw ``num_samples`` assignments as integers of shape ``[λ, layers, tasks]``."""
         flat = self.probs.reshape(-1, self.probs.shape[-1]).to(torch.float64)
         draws = torch.multinomial(flat.cpu(), num_samples, replacement=True, generator=generator)
         return draws.T.reshape(num_samples, self.num_layers, self.num_tasks)
