@@ -13,6 +13,7 @@ install: ## Create the virtual environment, install the package with dev tools, 
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -e '.[dev]'
 	bash scripts/install_data.sh
+	mkdir -p data
 
 train: ## Train the default experiment (add overrides with ARGS="model.sharing=full ...")
 	$(PYTHON) -m lws_lightning $(ARGS)
