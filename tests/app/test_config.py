@@ -102,3 +102,30 @@ def test_invalid_override_one_paragraph(tmp_path):
     assert result.returncode == 2
     assert "model.num_banks=0 is invalid" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_missing_data_root_one_paragraph(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    result = _run_app(f"data.root={missing}", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_offline_missing_files_named(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    result = _run_app(
+        "experiment=dkl_mnist_convnet",
+        f"data.root={root}",
+        "data.download=false",
+        f"paths.log_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    output = result.stderr + result.stdout
+    assert result.returncode == 2
+    assert str(root) in output
+    assert "EMNIST" in output
+    assert "download" in output
+    assert "Traceback" not in result.stderr
+    assert list(root.iterdir()) == []
