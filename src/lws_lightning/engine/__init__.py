@@ -1,9 +1,10 @@
 """Training engines: how the losses of sampled assignments are computed."""
 
+from lws_lightning.engine.batched import BatchedEngine
 from lws_lightning.engine.literal import LiteralEngine, assignment_loss
 from lws_lightning.engine.step import Engine, StepConfig, StepResult, lws_step
 
-ENGINES: dict[str, type] = {"literal": LiteralEngine}
+ENGINES: dict[str, type] = {"batched": BatchedEngine, "literal": LiteralEngine}
 
 
 def build_engine(name: str) -> Engine:
@@ -16,6 +17,7 @@ def build_engine(name: str) -> Engine:
 
 __all__ = [
     "ENGINES",
+    "BatchedEngine",
     "Engine",
     "LiteralEngine",
     "StepConfig",
