@@ -1,0 +1,261 @@
+"""Find finished runs under run and multirun folders and read what the report needs from them.
+
+A run folder is one that contains ``results.json`` or Hydra's ``.hydra/config.yaml``. A Hydra job
+writes ``.hydra/`` when it starts and ``results.json`` when it ends, so a folder with only the
+first belongs to a job that failed or is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+# Written by lws_lightning.results.write_results and lws_lightning.jobs.write_status. Those
+# modules import Lightning, which the report does not need, so the names are repeated here.
+RESULTS_FILE = "results.json"
+STATUS_FILE = "status.json"
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_RUNTIME = Path(".hydra") / "hydra.yaml"
+
+# Folders inside a run that hold logger output, never further runs.
+_SKIPPED_FOLDERS = {"wandb", "csv", "tensorboard", "checkpoints", "__pycache__"}
+
+
+class IncompleteRunError(ValueError):
+    """A run folder lacks a file or key that the report needs."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run: where it is, how it was configured and its ``results.json``."""
+
+    path: Path
+    experiment: str
+    sharing: str
+    seed: int | None
+    results: dict[str, Any]
+
+    @property
+    def error(self) -> float:
+        """Example-weighted test error, a fraction in [0, 1]."""
+        return float(self.results["test"]["error"])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.results["tasks"])
+
+
+@dataclass(frozen=True)
+class SkippedRun:
+    """A path given to the report, or a run folder under it, that the report left out."""
+
+    path: Path
+    reason: str
+
+
+def collect_runs(paths: Iterable[str | Path]) -> tuple[list[Run], list[SkippedRun]]:
+    """Load every run folder under ``paths``; return the complete runs and the left-out ones.
+
+    Each path may be a run folder, a multirun folder, any folder above them, or a
+    ``results.json`` file. Paths that do not exist and folders with no run in them are
+    returned as skipped, as are runs with a missing or invalid file.
+    """
+    runs: list[Run] = []
+    skipped: list[SkippedRun] = []
+    seen: set[Path] = set()
+    for path in (Path(p) for p in paths):
+        if not path.exists():
+            skipped.append(SkippedRun(path, "not found"))
+            continue
+        folders = [path.parent] if path.is_file() else find_run_folders(path)
+        if not folders:
+            skipped.append(
+                SkippedRun(path, f"no run folder ({RESULTS_FILE} or {HYDRA_CONFIG}) found in it")
+            )
+            continue
+        for folder in folders:
+            resolved = folder.resolve()
+            if resolved in seen:
+                continue
+            seen.add(resolved)
+            try:
+                runs.append(load_run(folder))
+            except IncompleteRunError as error:
+                log.warning("Leaving out %s: %s", folder, error)
+                skipped.append(SkippedRun(folder, str(error)))
+    return runs, skipped
+
+
+def find_run_folders(root: Path) -> list[Path]:
+    """Return the run folders at or below ``root`` in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        if RESULTS_FILE in filenames or (folder / HYDRA_CONFIG).is_file():
+            found.append(folder)
+        # Prune in place so os.walk skips hidden folders and logger output.
+        dirnames[:] = sorted(
+            name for name in dirnames if not name.startswith(".") and name not in _SKIPPED_FOLDERS
+        )
+    return sorted(found, key=_natural_key)
+
+
+def load_run(folder: Path) -> Run:
+    """Read one run folder; raise :class:`IncompleteRunError` saying what is missing."""
+    results_path = folder / RESULTS_FILE
+    if not results_path.is_file():
+        raise IncompleteRunError(_missing_results_reason(folder))
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IncompleteRunError(
+            f"{RESULTS_FILE} is unreadable or not valid JSON ({error})"
+        ) from None
+    if not isinstance(results, dict):
+        raise IncompleteRunError(
+            f"{RESULTS_FILE} contains a JSON {type(results).__name__}, not a JSON object"
+        )
+    _check_results(results)
+
+    config = _load_yaml(folder / HYDRA_CONFIG)
+    experiment = _experiment_name(folder, config)
+    sharing = _config_value(config, ("model", "sharing"))
+    if not isinstance(sharing, str) or "${" in sharing:
+        raise IncompleteRunError(f"{HYDRA_CONFIG} has no plain model.sharing value")
+    seed = _config_value(config, ("seed",))
+    return Run(
+        path=folder,
+        experiment=experiment,
+        sharing=sharing,
+        seed=seed if isinstance(seed, int) else None,
+        results=results,
+    )
+
+
+def _missing_results_reason(folder: Path) -> str:
+    """Explain a missing ``results.json``, with the job's error when ``status.json`` has one."""
+    try:
+        status = json.loads((folder / STATUS_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        status = None
+    if isinstance(status, dict) and status.get("status") == "failed":
+        error = str(status.get("error") or "no error message").strip()
+        first_line = error.splitlines()[0] if error else "no error message"
+        return f"no {RESULTS_FILE}: the job failed ({first_line})"
+    return f"no {RESULTS_FILE} (the job failed or has not finished)"
+
+
+def _check_results(results: dict[str, Any]) -> None:
+    """Raise :class:`IncompleteRunError` unless the keys that the report reads are valid."""
+    for keys in (
+        ("tasks",),
+        ("test", "error"),
+        ("test", "error_per_task"),
+        ("assignment",),
+        ("history",),
+        ("weights", "assignment"),
+        ("weights", "full_sharing"),
+        ("weights", "no_sharing"),
+    ):
+        _require(results, keys)
+
+    error = results["test"]["error"]
+    if not _is_number(error) or not 0.0 <= error <= 1.0:
+        raise IncompleteRunError(f"test.error={error!r} is not a fraction in [0, 1]")
+    tasks = results["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        raise IncompleteRunError("tasks is not a non-empty list of task names")
+    assignment = results["assignment"]
+    if (
+        not isinstance(assignment, list)
+        or not assignment
+        or any(
+            not isinstance(layer, list)
+            or len(layer) != len(tasks)
+            or not all(isinstance(bank, int) for bank in layer)
+            for layer in assignment
+        )
+    ):
+        raise IncompleteRunError(
+            f"assignment is not a [layers][tasks] list of bank indices for {len(tasks)} tasks"
+        )
+    history = results["history"]
+    if not isinstance(history, list) or any(
+        not isinstance(entry, dict) or "step" not in entry or not _is_number(entry.get("error"))
+        for entry in history
+    ):
+        raise IncompleteRunError("history is not a list of {step, error, ...} entries")
+    for key in ("assignment", "full_sharing", "no_sharing"):
+        if not isinstance(results["weights"][key], int):
+            raise IncompleteRunError(f"weights.{key} is not an integer")
+
+
+def _require(mapping: dict[str, Any], keys: Sequence[str]) -> None:
+    value: Any = mapping
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            name = ".".join(keys[: depth + 1])
+            raise IncompleteRunError(f"{RESULTS_FILE} has no key {name!r}")
+        value = value[key]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    """Load a Hydra YAML file without resolving interpolations such as ``${hydra:...}``."""
+    if not path.is_file():
+        raise IncompleteRunError(f"no {path.relative_to(path.parent.parent)}")
+    try:
+        container = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, OmegaConfBaseException, ValueError) as error:
+        raise IncompleteRunError(f"{path.name} is not valid YAML ({error})") from None
+    if not isinstance(container, dict):
+        raise IncompleteRunError(f"{path.name} does not contain a mapping")
+    return container
+
+
+def _config_value(config: dict[str, Any], keys: Sequence[str]) -> Any:
+    value: Any = config
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise IncompleteRunError(f"{HYDRA_CONFIG} has no key {'.'.join(keys)!r}")
+        value = value[key]
+    return value
+
+
+def _experiment_name(folder: Path, config: dict[str, Any]) -> str:
+    """Return ``experiment_name``, looking up Hydra's choice when the config interpolates it.
+
+    The saved config keeps ``experiment_name: ${hydra:runtime.choices.experiment}`` unresolved,
+    and the ``hydra:`` resolver only works inside a running Hydra app, so the choice is read
+    from ``.hydra/hydra.yaml`` instead.
+    """
+    name = config.get("experiment_name")
+    if isinstance(name, str) and "${" not in name:
+        return name
+    runtime = _load_yaml(folder / HYDRA_RUNTIME)
+    choices = runtime.get("hydra", {}).get("runtime", {}).get("choices", {})
+    if "experiment" not in choices:
+        raise IncompleteRunError(
+            f"the experiment name is neither in {HYDRA_CONFIG} nor in {HYDRA_RUNTIME}"
+        )
+    choice = choices["experiment"]
+    return "(no experiment)" if choice is None else str(choice)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key that orders multirun job folders 2 before 10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
