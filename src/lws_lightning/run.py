@@ -9,13 +9,18 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from lws_lightning.config_checks import check_config
+from lws_lightning.errors import UserInputError
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
 
 log = logging.getLogger(__name__)
+
+# Lightning's names of the precisions LWS supports (trainer.precision=32 becomes "32-true").
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 # ModelCheckpoint warns under manual optimization that it saves the weights after the optimizer
 # step. That is the state a resumed run needs, since global_step counts finished steps.
@@ -43,6 +48,30 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> LWSModul
     )
 
 
+def _check_trainer(trainer: L.Trainer) -> None:
+    """Raise :class:`UserInputError` for a precision or strategy that LWS does not support."""
+    if trainer.precision not in SUPPORTED_PRECISIONS:
+        raise UserInputError(
+            f"trainer.precision={trainer.precision} is not supported: the *-true precisions "
+            "cast every buffer, π included, to that type. Use 32, bf16-mixed or 16-mixed."
+        )
+    strategy = trainer.strategy
+    if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        raise UserInputError(
+            f"trainer.strategy={type(strategy).__name__} is not supported. Use a single device "
+            "(trainer=cpu or trainer=gpu) or DDP (trainer=ddp)."
+        )
+    # NOTE: DDPStrategy exposes its start method only as the private `_start_method`.
+    start_method = getattr(strategy, "_start_method", "popen")
+    if start_method != "popen":
+        raise UserInputError(
+            f"DDP with start_method={start_method!r} (ddp_spawn, ddp_fork, ddp_notebook) is not "
+            "supported: the processes it starts return only the weights to this process, so "
+            "results.json would lose the iteration count and the evaluation history. Use "
+            "trainer=ddp, which starts the processes by running the command again."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test LWS as ``cfg`` says; write results into ``cfg.paths.output_dir``.
 
@@ -60,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    _check_trainer(trainer)
 
     try:
         log.info(

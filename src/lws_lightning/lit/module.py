@@ -11,6 +11,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from lws_lightning.engine import StepConfig, build_engine, lws_step
+from lws_lightning.lit.distributed import average_across_processes, reducer_paused
 from lws_lightning.lit.metrics import TaskErrors
 from lws_lightning.nets import build_net
 from lws_lightning.sharing import SharingMode, bank_count, build_distribution
@@ -108,25 +109,24 @@ class LWSModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        grad_clip = self.hparams.grad_clip
         optimizer = self.optimizers()
-        result = lws_step(
-            self.net,
-            self.distribution,
-            optimizer,
-            (x[0], y[0]),
-            (x[1], y[1]),
-            self.step_config,
-            self.generator,
-            engine=self.engine,
-            backward=self.manual_backward,
-            reduce_losses=self._mean_across_processes,
-            before_optimizer_step=(
-                None
-                if grad_clip is None
-                else lambda: self.clip_gradients(optimizer, gradient_clip_val=grad_clip)
-            ),
-        )
+        # Under DDP, gradients are averaged once per iteration, before the optimizer step
+        # (lws_lightning.lit.distributed). Under 16-mixed the averaged gradients are still
+        # scaled, so an inf or NaN reaches every process and all of them skip the step.
+        with reducer_paused(self.trainer.strategy):
+            result = lws_step(
+                self.net,
+                self.distribution,
+                optimizer,
+                (x[0], y[0]),
+                (x[1], y[1]),
+                self.step_config,
+                self.generator,
+                engine=self.engine,
+                backward=self.manual_backward,
+                reduce_losses=self._mean_across_processes,
+                before_optimizer_step=lambda: average_across_processes(self.net),
+            )
         loss = result.loss
         self.log("train/loss", loss, prog_bar=True)
         self._log_entropy()
@@ -134,6 +134,13 @@ class LWSModule(LightningModule):
             self.log("nes/loss_mean", result.nes_losses.mean())
             self.log("nes/loss_std", result.nes_losses.std())
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning's precision plugin calls this inside optimizer.step(), after the gradient
+        # scaler of 16-mixed has unscaled the gradients, so the clip applies to true values.
+        grad_clip = self.hparams.grad_clip
+        if grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=grad_clip)
 
     def _mean_across_processes(self, values: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(values, reduce_op="mean")
@@ -181,7 +188,15 @@ class LWSModule(LightningModule):
                 name = f"error/{self.task_names[int(key.removeprefix('task_'))]}"
             else:
                 name = key
-            self.log(f"{stage}/{name}", value, prog_bar=name == "error", add_dataloader_idx=False)
+            # TaskErrors.compute() already summed over DDP processes, so every process has the
+            # same value and sync_dist averages equal numbers. Without it Lightning warns.
+            self.log(
+                f"{stage}/{name}",
+                value,
+                prog_bar=name == "error",
+                add_dataloader_idx=False,
+                sync_dist=True,
+            )
             logged[name] = float(value)
         return logged
 
