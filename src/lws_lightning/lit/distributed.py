@@ -5,7 +5,8 @@ DDP's reducer would all-reduce every bucket after every backward pass and, unles
 ``find_unused_parameters`` is on, fail on the banks the pass left out. :class:`LWSModule` keeps
 the reducer idle during the iteration (:func:`reducer_paused`) and calls
 :func:`average_across_processes` once, after the last backward pass and before the optimizer
-step. That costs one all-reduce of all weights and BatchNorm statistics per iteration.
+step. That costs, per iteration, one all-reduce of the gradients of all weights and one of
+the BatchNorm statistics, each split into buckets of at most :data:`BUCKET_ELEMENTS`.
 """
 
 from __future__ import annotations
