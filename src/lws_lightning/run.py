@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
+from lws_lightning.lit.loggers import finish_wandb_runs
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
 
@@ -22,11 +23,14 @@ log = logging.getLogger(__name__)
 # Lightning's names of the precisions LWS supports (trainer.precision=32 becomes "32-true").
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
-# ModelCheckpoint warns under manual optimization that it saves the weights after the optimizer
-# step. That is the state a resumed run needs, since global_step counts finished steps.
-warnings.filterwarnings(
-    "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
-)
+
+def _silence_known_warnings() -> None:
+    # ModelCheckpoint warns under manual optimization that it saves the weights after the
+    # optimizer step. That is the state a resumed run needs, since global_step counts
+    # finished steps.
+    warnings.filterwarnings(
+        "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
+    )
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -79,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The results that ``results.json`` holds.
     """
     check_config(cfg)
+    _silence_known_warnings()
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -91,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     _check_trainer(trainer)
 
+    succeeded = False
     try:
         log.info(
             "Training %s with %s sharing on %d tasks for %d iterations",
@@ -110,9 +116,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 results["test"]["error_task_mean"],
                 results["weights"],
             )
+        succeeded = True
         return results
     finally:
         for logger in loggers:
             finalize = getattr(logger, "finalize", None)
             if finalize is not None:
-                finalize("success")
+                finalize("success" if succeeded else "failed")
+        finish_wandb_runs(loggers, succeeded)

@@ -32,7 +32,8 @@ def test_experiment_files_present():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(compose_config, experiment):
     cfg = compose_config(f"experiment={experiment}")
-    OmegaConf.resolve(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["root"].endswith("/data")
     check_config(cfg)
     assert cfg.experiment_name == experiment
     assert cfg.model.nes_samples == 8
