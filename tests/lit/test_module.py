@@ -59,8 +59,8 @@ def _state(module: LWSModule) -> dict[str, torch.Tensor]:
 
 def test_module_matches_core_step(trio, tmp_path):
     steps = 3
-    module = _module(trio)
-    reference = _module(trio)
+    module = _module(trio, engine="literal")
+    reference = _module(trio, engine="literal")
     _trainer(tmp_path, steps, enable_checkpointing=False).fit(module, datamodule=trio)
 
     trio.set_start_step(0)

@@ -64,7 +64,7 @@ class LWSModule(LightningModule):
         nes_lr: float = 0.01,
         lr: float = 1e-3,
         p_min: float = 1e-3,
-        engine: str = "literal",
+        engine: str = "batched",
         seed: int = 0,
         task_names: Sequence[str] | None = None,
         architecture_options: dict[str, Any] | None = None,
