@@ -56,7 +56,7 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
         results["assignment"],
         results["tasks"],
         output_dir / ASSIGNMENT_FILE,
-        title=f"{results['sharing']} sharing: most likely assignment (cell = bank)",
+        title=f"{results['sharing']} sharing: most likely assignment\n(cell = bank)",
     )
     log.info("Wrote %s and %s", path, output_dir / ASSIGNMENT_FILE)
     return path

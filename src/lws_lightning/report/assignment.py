@@ -33,7 +33,7 @@ def plot_assignment(
     colours = ListedColormap([palette(i % palette.N) for i in range(num_colours)])
 
     fig, ax = plt.subplots(
-        figsize=(1.0 + 0.7 * num_layers, 1.0 + 0.32 * num_tasks), constrained_layout=True
+        figsize=(max(4.5, 1.5 + 0.7 * num_layers), 1.2 + 0.32 * num_tasks), constrained_layout=True
     )
     ax.imshow(banks, cmap=colours, vmin=-0.5, vmax=num_colours - 0.5, aspect="auto")
     if num_tasks * num_layers <= 400:
@@ -43,7 +43,7 @@ def plot_assignment(
     ax.set_yticks(range(num_tasks), list(task_names))
     ax.set_xlabel("shareable layer")
     ax.set_ylabel("task")
-    ax.set_title(title or "most likely assignment (cell = bank)")
+    ax.set_title(title or "most likely assignment\n(cell = bank)", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
