@@ -22,6 +22,7 @@ from lws_lightning.engine import (
     BatchedEngine,
     LiteralEngine,
     StepConfig,
+    _group_norm,
     build_engine,
     lws_step,
 )
@@ -134,8 +135,18 @@ def test_evaluate_matches_literal(name: str, variant: str | None) -> None:
     assert actual[0] == pytest.approx(actual[3].item(), rel=1e-12)
 
 
+@pytest.fixture(params=["whole_tensor", "per_group"])
+def batch_norm_computation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with whole-tensor batch-norm operations and with one native call per group."""
+    threshold = 2**62 if request.param == "whole_tensor" else 0
+    monkeypatch.setattr(_group_norm, "PER_GROUP_MIN_ELEMENTS", threshold)
+    return request.param
+
+
 @pytest.mark.parametrize(("name", "variant"), ARCHITECTURE_CASES)
-def test_backward_matches_literal(name: str, variant: str | None) -> None:
+def test_backward_matches_literal(
+    name: str, variant: str | None, batch_norm_computation: str
+) -> None:
     literal_net = tiny_net(name, variant).train()
     batched_net = copy.deepcopy(literal_net)
     x, y = batch(literal_net, seed=2)
@@ -228,9 +239,31 @@ def test_memory_chunks_change_no_result(name: str, variant: str | None) -> None:
     assert_tensors_match(dict(batched_net.named_buffers()), dict(literal_net.named_buffers()))
 
 
+@pytest.mark.parametrize(("name", "variant"), ARCHITECTURE_CASES)
+def test_one_group_per_call_changes_no_result(name: str, variant: str | None) -> None:
+    """Calls limited to one group each, so that every module runs per group, agree too."""
+    literal_net = tiny_net(name, variant).train()
+    batched_net = copy.deepcopy(literal_net)
+    x, y = batch(literal_net, seed=12)
+    assignments = assignments_with_duplicates(literal_net)
+
+    expected = LiteralEngine().backward(literal_net, x, y, assignments, Tensor.backward)
+    actual = BatchedEngine(max_call_bytes=1).backward(
+        batched_net, x, y, assignments, Tensor.backward
+    )
+
+    assert relative_difference(actual, expected) <= RTOL
+    for key, grad in gradients(literal_net).items():
+        if grad is not None:
+            assert relative_difference(gradients(batched_net)[key], grad) <= RTOL, key
+    assert_tensors_match(dict(batched_net.named_buffers()), dict(literal_net.named_buffers()))
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-def test_running_stats_match_literal(channels_last: bool, momentum: float | None) -> None:
+def test_running_stats_match_literal(
+    channels_last: bool, momentum: float | None, batch_norm_computation: str
+) -> None:
     """Running statistics follow the literal order of updates, also for cumulative averages."""
     literal_net = tiny_net("dkl_convnet", None).train()
     for module in literal_net.modules():
@@ -341,3 +374,8 @@ def test_predict_rejects_path_of_wrong_length() -> None:
 def test_rejects_nonpositive_memory_ratio() -> None:
     with pytest.raises(ValueError, match="memory_ratio=0 is invalid"):
         BatchedEngine(memory_ratio=0)
+
+
+def test_rejects_nonpositive_max_call_bytes() -> None:
+    with pytest.raises(ValueError, match="max_call_bytes=0 is invalid"):
+        BatchedEngine(max_call_bytes=0)

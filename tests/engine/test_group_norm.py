@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lws_lightning.engine import _group_norm
 from lws_lightning.engine._group_norm import (
     GroupedBatchNorm,
     is_channels_last,
@@ -16,6 +17,14 @@ from lws_lightning.engine._group_norm import (
 
 GROUPS = 3
 ROWS_PER_GROUP = 4
+
+
+@pytest.fixture(params=["whole_tensor", "per_group"])
+def computation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with whole-tensor operations and once with one native call per group."""
+    threshold = 2**62 if request.param == "whole_tensor" else 0
+    monkeypatch.setattr(_group_norm, "PER_GROUP_MIN_ELEMENTS", threshold)
+    return request.param
 
 
 def reference(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -47,7 +56,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize(("shape", "channels_last"), LAYOUT_CASES)
 def test_normalize_groups_matches_per_group_batch_norm(
-    shape: tuple[int, ...], channels_last: bool, affine: bool
+    shape: tuple[int, ...], channels_last: bool, affine: bool, computation: str
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 2
@@ -75,7 +84,7 @@ def test_normalize_groups_matches_per_group_batch_norm(
         torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-9, atol=1e-10)
 
 
-def test_normalize_groups_takes_gradients_in_another_layout() -> None:
+def test_normalize_groups_takes_gradients_in_another_layout(computation: str) -> None:
     """A channels-last input whose gradient arrives contiguous still gets the right gradient."""
     x = to_channels_last(torch.randn(GROUPS * 2, 3, 4, 5, dtype=torch.float64))
     x.requires_grad_()
@@ -109,7 +118,7 @@ def run_literal_updates(module: nn.BatchNorm2d, inputs: list[Tensor]) -> None:
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["0.1", "0.5", "cumulative"])
-def test_running_stats_follow_literal_order(momentum: float | None) -> None:
+def test_running_stats_follow_literal_order(momentum: float | None, computation: str) -> None:
     """Groups standing for several pairs, in any row order, update as the literal sequence."""
     generator = torch.Generator().manual_seed(1)
     literal = nn.BatchNorm2d(3, momentum=momentum).double()

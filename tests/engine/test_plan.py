@@ -31,13 +31,16 @@ def test_position_depths_count_preceding_shareable_layers() -> None:
     assert position_depths(net) == [0, 0, 0, 0, 1, 2, 3, 3]
 
 
-def test_activation_sizes_keep_training_flags() -> None:
+def test_activation_sizes_per_position() -> None:
     net = build_net("dkl_convnet", 2, [3, 3], (1, 16, 16), width=4, hidden=8).train()
     sizes = activation_sizes(net, torch.randn(1, 16, 16))
-    assert len(sizes) == len(net.layers) + 1
-    assert all(size > 0 for size in sizes)
+    assert len(sizes.kept) == len(sizes.largest) == len(net.layers) + 1
+    assert all(size > 0 for size in sizes.kept)
     # The first conv block keeps conv, batch-norm and ReLU outputs of 4×16×16 and a pooled map.
-    assert sizes[0] == 3 * 4 * 16 * 16 + 4 * 8 * 8
+    assert sizes.kept[0] == 3 * 4 * 16 * 16 + 4 * 8 * 8
+    assert sizes.largest[0] == 4 * 16 * 16
+    # The heads are linear layers with 3 outputs.
+    assert sizes.kept[-1] == sizes.largest[-1] == 3
     assert all(module.training for module in net.modules())
     assert activation_sizes(net, torch.randn(1, 16, 16)) is sizes
 

@@ -19,6 +19,12 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+# Groups of at least this many elements are normalized one native batch-norm call per group,
+# smaller ones in a few whole-tensor operations. Whole-tensor operations allocate temporaries
+# of the full stacked size, which cost page faults and cache misses once they are large, while
+# per-group calls work on cache-sized pieces but cost a dispatch each (about 20 µs on CPU).
+PER_GROUP_MIN_ELEMENTS = 2**15
+
 
 class _GroupBatchNorm(torch.autograd.Function):
     """Batch norm of each of ``num_groups`` equal blocks of rows of ``x`` with its own statistics.
@@ -39,33 +45,22 @@ class _GroupBatchNorm(torch.autograd.Function):
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         grouped = _grouped_view(x, num_groups)
-        if _fits_group_norm_kernel(grouped):
-            groups, channels = grouped.shape[:2]
-            out, mean, invstd = torch.native_group_norm(
-                grouped, weight, bias, groups, channels, grouped[0, 0].numel(), channels, eps
-            )
-            out = _alias_like(out, x)
-            mean, invstd = mean.view(_stats_shape(grouped)), invstd.view(_stats_shape(grouped))
-            # NOTE: the kernel returns 1 / sqrt(var + eps), so var is recovered with an
-            # absolute error of about 1e-7 * (var + eps) in float32, which only channels
-            # with var near eps notice.
-            var = invstd.pow(-2) - eps
+        per_group = num_groups == 1 or x.numel() // num_groups >= PER_GROUP_MIN_ELEMENTS
+        if num_groups > 1 and _fits_group_norm_kernel(grouped):
+            out, mean, invstd = _forward_by_group_norm(x, grouped, weight, bias, eps)
+        elif per_group:
+            out, mean, invstd = _forward_per_group(x, num_groups, weight, bias, eps)
         else:
-            # On CPU, var_mean over these strided layouts took about 100 times as long as a
-            # sum (PyTorch 2.14, AMD EPYC), so the mean and the centered sum of squares are
-            # computed in two passes of sums.
-            dims = tuple(range(2, grouped.dim()))
-            count = grouped[0, 0].numel()
-            mean = grouped.sum(dims, keepdim=True) / count
-            var = (grouped - mean).square().sum(dims, keepdim=True) / count
-            invstd = torch.rsqrt(var + eps)
-            scale = _scale(invstd, weight, grouped)
-            shift = -mean * scale if bias is None else _per_channel(bias, grouped) - mean * scale
-            out = torch.empty_like(x)
-            torch.addcmul(shift, grouped, scale, out=_grouped_view(out, num_groups))
+            out, mean, invstd = _forward_whole(x, grouped, num_groups, weight, bias, eps)
+        # NOTE: the native kernels return 1 / sqrt(var + eps), so var is recovered with an
+        # absolute error of about 1e-7 * (var + eps) in float32, which only channels with var
+        # near eps notice.
+        var = invstd.pow(-2) - eps
         ctx.num_groups = num_groups
+        ctx.eps = eps
+        ctx.per_group = per_group
+        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, mean, invstd, weight)
-        mean, var = mean.flatten(1), var.flatten(1)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
@@ -75,27 +70,141 @@ class _GroupBatchNorm(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, _mean: Tensor, _var: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, mean, invstd, weight = ctx.saved_tensors
-        grouped = _grouped_view(x, ctx.num_groups)
-        grad = _grouped_view(_same_layout(grad_out, x), ctx.num_groups)
-        dims = tuple(range(2, grouped.dim()))
-        count = grouped[0, 0].numel()
-        centered = grouped - mean
-        grad_sum = grad.sum(dims, keepdim=True)
-        # Σ grad · x̂ per group and channel, where x̂ = (x - mean) · invstd.
-        grad_dot_xhat = (centered * grad).sum(dims, keepdim=True) * invstd
+        grad = _same_layout(grad_out, x)
+        needs_grad = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1] and weight is not None,
+            ctx.needs_input_grad[2] and ctx.has_bias,
+        )
+        if ctx.per_group:
+            grads = _backward_per_group(grad, x, mean, invstd, weight, ctx.eps, needs_grad)
+        else:
+            grads = _backward_whole(grad, x, ctx.num_groups, mean, invstd, weight, needs_grad)
+        return (*grads, None, None)
 
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            scale = _scale(invstd, weight, grouped)
-            # grad_x = scale · (grad - mean_g(grad) - x̂ · mean_g(grad · x̂)), in two passes.
-            centered_coef = -scale * invstd * grad_dot_xhat / count
-            grad_x = torch.empty_like(x)
-            grouped_grad_x = _grouped_view(grad_x, ctx.num_groups)
-            torch.addcmul(-scale * grad_sum / count, centered, centered_coef, out=grouped_grad_x)
-            grouped_grad_x.addcmul_(grad, scale)
-        grad_weight = grad_dot_xhat.sum(0).flatten() if ctx.needs_input_grad[1] else None
-        grad_bias = grad_sum.sum(0).flatten() if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None
+
+def _forward_by_group_norm(
+    x: Tensor, grouped: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    groups, channels = grouped.shape[:2]
+    out, mean, invstd = torch.native_group_norm(
+        grouped, weight, bias, groups, channels, grouped[0, 0].numel(), channels, eps
+    )
+    return _alias_like(out, x), mean.view(groups, channels), invstd.view(groups, channels)
+
+
+def _forward_per_group(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if num_groups == 1:
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        return out, mean.unsqueeze(0), invstd.unsqueeze(0)
+    out = torch.empty_like(x)
+    means, invstds = [], []
+    for rows, out_rows in zip(x.chunk(num_groups), out.chunk(num_groups), strict=True):
+        result, mean, invstd = torch.native_batch_norm(
+            rows, weight, bias, None, None, True, 0.0, eps
+        )
+        out_rows.copy_(result)
+        means.append(mean)
+        invstds.append(invstd)
+    return out, torch.stack(means), torch.stack(invstds)
+
+
+def _forward_whole(
+    x: Tensor,
+    grouped: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # On CPU, var_mean over these strided layouts took about 100 times as long as a sum
+    # (PyTorch 2.14, AMD EPYC), so the mean and the centered sum of squares are computed in
+    # two passes of sums.
+    dims = tuple(range(2, grouped.dim()))
+    count = grouped[0, 0].numel()
+    mean = grouped.sum(dims, keepdim=True) / count
+    var = (grouped - mean).square().sum(dims, keepdim=True) / count
+    invstd = torch.rsqrt(var + eps)
+    scale = _scale(invstd, weight, grouped)
+    shift = -mean * scale if bias is None else _per_channel(bias, grouped) - mean * scale
+    out = torch.empty_like(x)
+    torch.addcmul(shift, grouped, scale, out=_grouped_view(out, num_groups))
+    return out, mean.flatten(1), invstd.flatten(1)
+
+
+def _backward_per_group(
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    num_groups = mean.shape[0]
+    if num_groups == 1:
+        return torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean[0], invstd[0], True, eps, list(needs_grad)
+        )
+    grad_x = torch.empty_like(x) if needs_grad[0] else None
+    grad_weights, grad_biases = [], []
+    for group, (grad_rows, rows) in enumerate(
+        zip(grad.chunk(num_groups), x.chunk(num_groups), strict=True)
+    ):
+        grad_rows_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_rows,
+            rows,
+            weight,
+            None,
+            None,
+            mean[group],
+            invstd[group],
+            True,
+            eps,
+            list(needs_grad),
+        )
+        if grad_x is not None:
+            grad_x.chunk(num_groups)[group].copy_(grad_rows_x)
+        grad_weights.append(grad_weight)
+        grad_biases.append(grad_bias)
+    grad_weight = torch.stack(grad_weights).sum(0) if needs_grad[1] else None
+    grad_bias = torch.stack(grad_biases).sum(0) if needs_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _backward_whole(
+    grad: Tensor,
+    x: Tensor,
+    num_groups: int,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    grouped = _grouped_view(x, num_groups)
+    grouped_grad = _grouped_view(grad, num_groups)
+    mean, invstd = mean.view(_stats_shape(grouped)), invstd.view(_stats_shape(grouped))
+    dims = tuple(range(2, grouped.dim()))
+    count = grouped[0, 0].numel()
+    centered = grouped - mean
+    grad_sum = grouped_grad.sum(dims, keepdim=True)
+    # Σ grad · x̂ per group and channel, where x̂ = (x - mean) · invstd.
+    grad_dot_xhat = (centered * grouped_grad).sum(dims, keepdim=True) * invstd
+
+    grad_x = None
+    if needs_grad[0]:
+        scale = _scale(invstd, weight, grouped)
+        # grad_x = scale · (grad - mean_g(grad) - x̂ · mean_g(grad · x̂)), in two passes.
+        centered_coef = -scale * invstd * grad_dot_xhat / count
+        grad_x = torch.empty_like(x)
+        grouped_grad_x = _grouped_view(grad_x, num_groups)
+        torch.addcmul(-scale * grad_sum / count, centered, centered_coef, out=grouped_grad_x)
+        grouped_grad_x.addcmul_(grouped_grad, scale)
+    grad_weight = grad_dot_xhat.sum(0).flatten() if needs_grad[1] else None
+    grad_bias = grad_sum.sum(0).flatten() if needs_grad[2] else None
+    return grad_x, grad_weight, grad_bias
 
 
 def _stats_shape(grouped: Tensor) -> tuple[int, ...]:

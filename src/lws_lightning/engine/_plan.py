@@ -58,17 +58,31 @@ def position_depths(net: MultiTaskNet) -> list[int]:
     return [*depths, depth]
 
 
-_SIZE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[int]]] = (
+@dataclass(frozen=True)
+class ActivationSizes:
+    """Elements per example of the activations at each trunk position and at the heads.
+
+    Attributes:
+        kept: Sum of the output sizes of every leaf module of the position, an estimate of
+            what autograd keeps for the backward pass.
+        largest: Largest output of one leaf module of the position, the largest tensor that
+            one call of the position allocates.
+    """
+
+    kept: list[int]
+    largest: list[int]
+
+
+_SIZE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ActivationSizes]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def activation_sizes(net: MultiTaskNet, example: Tensor) -> list[int]:
-    """Estimate the elements per example that each trunk position and the head keep for backward.
+def activation_sizes(net: MultiTaskNet, example: Tensor) -> ActivationSizes:
+    """Measure the activation sizes of each trunk position and of the heads for one example.
 
-    The estimate is the sum of the output sizes of every leaf module of the position (bank 0
-    of a shareable layer, head 0 for the heads), measured on one example in eval mode without
-    gradients. It is cached per net, example shape and dtype.
+    The sizes are measured on bank 0 of each shareable layer and on head 0, in eval mode
+    without gradients, and cached per net, example shape, dtype and device.
     """
     key = (tuple(example.shape), example.dtype, example.device)
     cached = _SIZE_CACHE.setdefault(net, {})
@@ -78,32 +92,34 @@ def activation_sizes(net: MultiTaskNet, example: Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def _measure_sizes(net: MultiTaskNet, x: Tensor) -> list[int]:
+def _measure_sizes(net: MultiTaskNet, x: Tensor) -> ActivationSizes:
     modules = [layer.banks[0] if isinstance(layer, WeightBank) else layer for layer in net.layers]
     modules.append(net.heads[0])
     modes = {module: module.training for module in net.modules()}
-    sizes: list[int] = []
+    kept: list[int] = []
+    largest: list[int] = []
     try:
         net.eval()
         for module in modules:
-            elements = [0]
+            outputs: list[int] = []
             leaves = [m for m in module.modules() if next(m.children(), None) is None]
 
-            def count(_module: nn.Module, _inputs: object, output: object, acc=elements) -> None:
+            def record(_module: nn.Module, _inputs: object, output: object, acc=outputs) -> None:
                 if isinstance(output, Tensor):
-                    acc[0] += output.numel()
+                    acc.append(output.numel())
 
-            handles = [leaf.register_forward_hook(count) for leaf in leaves]
+            handles = [leaf.register_forward_hook(record) for leaf in leaves]
             try:
                 x = module(x)
             finally:
                 for handle in handles:
                     handle.remove()
-            sizes.append(max(elements[0], x.numel()))
+            kept.append(max(sum(outputs), x.numel()))
+            largest.append(max([*outputs, x.numel()]))
     finally:
         for module, training in modes.items():
             module.training = training
-    return sizes
+    return ActivationSizes(kept, largest)
 
 
 def plan_chunks(

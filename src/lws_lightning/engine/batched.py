@@ -7,8 +7,10 @@ of a pass together, layer by layer:
   activations, so each such prefix group is computed once. An always-shared layer therefore
   runs once per task and distinct prefix, not once per sample, and the work shrinks as π
   concentrates.
-- A shareable layer runs each bank once per pass (or per chunk, see below), on the stacked
-  inputs of every group that picked it.
+- A shareable layer runs each bank once per pass on the stacked inputs of every group that
+  picked it. Two limits split such calls: a call whose largest output would exceed
+  ``max_call_bytes`` runs as several calls of fewer groups, and a pass whose autograd graph
+  would exceed its memory budget runs in chunks of pairs (see below).
 - Batch norm in training mode normalizes each group with that group's own statistics, as the
   literal engine's separate passes do, and running statistics are updated afterwards in closed
   form (see :mod:`lws_lightning.engine._group_norm`).
@@ -31,13 +33,12 @@ in the literal engine, so their outputs differ from it (with the same distributi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lws_lightning.engine._group_norm import GroupedBatchNorm, is_channels_last, to_channels_last
+from lws_lightning.engine._group_norm import GroupedBatchNorm, to_channels_last
 from lws_lightning.engine._plan import (
     Pair,
     activation_sizes,
@@ -46,23 +47,17 @@ from lws_lightning.engine._plan import (
     plan_chunks,
     position_depths,
 )
+from lws_lightning.engine._routing import Block, Group, gather
 from lws_lightning.nets.multitask import MultiTaskNet
 from lws_lightning.sharing.bank import WeightBank
 
 DEFAULT_MEMORY_RATIO = 1.5
 DEFAULT_MIN_CHUNK_BYTES = 256 * 2**20
-
-
-@dataclass
-class _Group:
-    """Pairs of one task that share their activations at the current position."""
-
-    task: int
-    pairs: list[Pair]
+DEFAULT_MAX_CALL_BYTES = 8 * 2**20
 
 
 class BatchedEngine:
-    """Evaluate sampled assignments with one call per bank and layer and shared prefixes.
+    """Evaluate sampled assignments with shared prefixes computed once and stacked bank calls.
 
     Args:
         channels_last: Run 4-D activations in the channels-last memory format.
@@ -71,6 +66,10 @@ class BatchedEngine:
             splits.
         min_chunk_bytes: Never split a pass whose estimated activation memory is below this
             many bytes: splitting costs speed, and the memory it would save is small.
+        max_call_bytes: Split a module call into calls of fewer groups where its largest
+            output would exceed this many bytes. Larger tensors are slower per element on
+            CPU, because they miss the caches and glibc's allocator maps and faults in fresh
+            pages for them on every call. A group that alone exceeds it still runs whole.
     """
 
     name = "batched"
@@ -80,14 +79,18 @@ class BatchedEngine:
         channels_last: bool = True,
         memory_ratio: float | None = DEFAULT_MEMORY_RATIO,
         min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
+        max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
     ) -> None:
         if memory_ratio is not None and memory_ratio <= 0:
             raise ValueError(f"memory_ratio={memory_ratio} is invalid: it must be positive.")
         if min_chunk_bytes < 0:
             raise ValueError(f"min_chunk_bytes={min_chunk_bytes} is invalid: it must be >= 0.")
+        if max_call_bytes <= 0:
+            raise ValueError(f"max_call_bytes={max_call_bytes} is invalid: it must be positive.")
         self.channels_last = channels_last
         self.memory_ratio = memory_ratio
         self.min_chunk_bytes = min_chunk_bytes
+        self.max_call_bytes = max_call_bytes
 
     def predict(self, net: MultiTaskNet, x: Tensor, task: int, path: Tensor) -> Tensor:
         """Return task ``task``'s logits for ``x`` under one path of banks ([layers])."""
@@ -98,11 +101,13 @@ class BatchedEngine:
                 f"({len(net.shareable_positions)})."
             )
         pair = Pair(order=0, task=task, path=tuple(path_list))
+        inputs = x.unsqueeze(0)
+        limits = self._call_limits(net, inputs)
         norm = GroupedBatchNorm()
         with norm.patch(net):
-            outputs = self._forward(net, x.unsqueeze(0), [task], [pair], norm)
+            outputs = self._forward(net, inputs, [task], [pair], limits, norm)
         norm.update_running_stats()
-        return outputs[0][2]
+        return torch.cat([logits for _, _, logits in outputs])
 
     @torch.no_grad()
     def evaluate(self, net: MultiTaskNet, x: Tensor, y: Tensor, assignments: Tensor) -> Tensor:
@@ -139,6 +144,7 @@ class BatchedEngine:
             )
         pairs = make_pairs(assignments)
         chunks = self._plan(net, x, pairs, keep_graph=backward is not None)
+        limits = self._call_limits(net, x)
         scale = 1.0 / (num_samples * num_tasks)
         orders, losses = [], []
         norm = GroupedBatchNorm()
@@ -146,7 +152,7 @@ class BatchedEngine:
             for chunk in chunks:
                 tasks = sorted({pair.task for pair in chunk})
                 inputs = x if len(tasks) == num_tasks else x[tasks]
-                outputs = self._forward(net, inputs, tasks, chunk, norm)
+                outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
                 chunk_orders, chunk_losses = _pair_losses(outputs, y)
                 if backward is not None:
                     backward(chunk_losses.sum() * scale)
@@ -165,12 +171,21 @@ class BatchedEngine:
         # A prefix-tree node is one task batch, so each element of one example's activations
         # costs batch size × item size bytes per node.
         node_scale = x.shape[1] * x.element_size()
-        node_bytes = [size * node_scale for size in activation_sizes(net, x[0, 0])]
+        node_bytes = [size * node_scale for size in activation_sizes(net, x[0, 0]).kept]
         budget = max(
             self.memory_ratio * literal_graph_cost(net.num_tasks, node_bytes),
             self.min_chunk_bytes,
         )
         return plan_chunks(pairs, position_depths(net), node_bytes, budget, keep_graph)
+
+    def _call_limits(self, net: MultiTaskNet, inputs: Tensor) -> list[int]:
+        """Return the groups per module call at each trunk position and at the heads.
+
+        Measuring the activation sizes runs the net, so call this outside ``norm.patch``.
+        """
+        group_bytes = inputs.shape[1] * inputs.element_size()
+        largest = activation_sizes(net, inputs[0, 0]).largest
+        return [max(1, self.max_call_bytes // (size * group_bytes)) for size in largest]
 
     def _forward(
         self,
@@ -178,73 +193,127 @@ class BatchedEngine:
         inputs: Tensor,
         tasks: Sequence[int],
         pairs: Sequence[Pair],
+        limits: list[int],
         norm: GroupedBatchNorm,
-    ) -> list[tuple[int, list[_Group], Tensor]]:
+    ) -> list[tuple[int, list[Group], Tensor]]:
         """Run ``pairs`` through the net; ``inputs[i]`` ([batch, ...]) is task ``tasks[i]``'s batch.
 
-        Returns, per task, the leaf groups (one per distinct path) and their stacked logits.
+        Returns (task, leaf groups, stacked logits) per head call. A leaf group is one distinct
+        path; a task's leaves may take several head calls.
         """
-        groups = [_Group(task, [pair for pair in pairs if pair.task == task]) for task in tasks]
+        batch = inputs.shape[1]
         h = inputs.reshape(-1, *inputs.shape[2:])
         if self.channels_last and h.dim() == 4:
             h = to_channels_last(h)
+        groups = [Group(task, [pair for pair in pairs if pair.task == task]) for task in tasks]
+        blocks = [Block(h, groups)]
         depth = 0
-        for layer in net.layers:
+        for layer, limit in zip(net.layers, limits, strict=False):
             if isinstance(layer, WeightBank):
-                h, groups = _run_banks(layer, h, groups, depth, norm)
+                blocks = _run_banks(layer, blocks, depth, limit, batch, norm)
                 depth += 1
             else:
-                h = _call(layer, h, groups, norm)
+                blocks = _run_shared(layer, blocks, limit, batch, norm)
+        return _run_heads(net, blocks, tasks, limits[-1], batch, norm)
 
-        outputs = []
-        for task in tasks:
-            leaves = [index for index, group in enumerate(groups) if group.task == task]
-            task_groups = [groups[index] for index in leaves]
-            logits = _call(net.heads[task], _select(h, leaves, len(groups)), task_groups, norm)
-            outputs.append((task, task_groups, logits))
-        return outputs
+
+def _run_shared(
+    layer: nn.Module, blocks: list[Block], limit: int, batch: int, norm: GroupedBatchNorm
+) -> list[Block]:
+    """Run an always-shared layer on every group, at most ``limit`` groups per call."""
+    requests = []
+    start = 0
+    for block in blocks:
+        for first in range(0, len(block.groups), limit):
+            count = min(limit, len(block.groups) - first)
+            requests.append(list(range(start + first, start + first + count)))
+        start += len(block.groups)
+    groups = [group for block in blocks for group in block.groups]
+    return _call_requests(layer, blocks, requests, groups, batch, norm)
 
 
 def _run_banks(
-    layer: WeightBank, h: Tensor, groups: list[_Group], depth: int, norm: GroupedBatchNorm
-) -> tuple[Tensor, list[_Group]]:
-    """Split each group by the bank its pairs pick in this layer; run each bank once."""
-    by_bank: dict[int, tuple[list[int], list[_Group]]] = {}
-    for index, group in enumerate(groups):
-        split: dict[int, list[Pair]] = {}
-        for pair in group.pairs:
-            split.setdefault(pair.path[depth], []).append(pair)
-        for bank, pairs in split.items():
-            parents, children = by_bank.setdefault(bank, ([], []))
-            parents.append(index)
-            children.append(_Group(group.task, pairs))
+    layer: WeightBank,
+    blocks: list[Block],
+    depth: int,
+    limit: int,
+    batch: int,
+    norm: GroupedBatchNorm,
+) -> list[Block]:
+    """Split each group by the bank its pairs pick in this layer; run each bank on its groups."""
+    by_bank: dict[int, tuple[list[int], list[Group]]] = {}
+    index = 0
+    for block in blocks:
+        for group in block.groups:
+            split: dict[int, list[Pair]] = {}
+            for pair in group.pairs:
+                split.setdefault(pair.path[depth], []).append(pair)
+            for bank, pairs in split.items():
+                parents, children = by_bank.setdefault(bank, ([], []))
+                parents.append(index)
+                children.append(Group(group.task, pairs))
+            index += 1
 
-    # A bank may modify its input in place, for example with a leading in-place ReLU. So a bank
-    # gets a view of h only where no other bank reads the same rows, and a copy elsewhere.
-    readers = [0] * len(groups)
-    for parents, _ in by_bank.values():
-        for index in parents:
-            readers[index] += 1
-
-    outputs = []
-    new_groups: list[_Group] = []
+    # One gather for all banks, so that it sees every bank that reads a group.
+    requests, calls = [], []
     for bank in sorted(by_bank):
         parents, children = by_bank[bank]
-        exclusive = all(readers[index] == 1 for index in parents)
-        bank_input = _select(h, parents, len(groups), allow_view=exclusive)
-        outputs.append(_call(layer.banks[bank], bank_input, children, norm))
-        new_groups.extend(children)
-    return _concat(outputs), new_groups
+        for start in range(0, len(parents), limit):
+            requests.append(parents[start : start + limit])
+            calls.append((layer.banks[bank], children[start : start + limit]))
+    new_blocks = []
+    for (module, groups), module_input in zip(calls, gather(blocks, requests, batch), strict=True):
+        new_blocks.append(Block(_call(module, module_input, groups, norm), groups))
+    return new_blocks
 
 
-def _call(module: nn.Module, h: Tensor, groups: list[_Group], norm: GroupedBatchNorm) -> Tensor:
+def _run_heads(
+    net: MultiTaskNet,
+    blocks: list[Block],
+    tasks: Sequence[int],
+    limit: int,
+    batch: int,
+    norm: GroupedBatchNorm,
+) -> list[tuple[int, list[Group], Tensor]]:
+    groups = [group for block in blocks for group in block.groups]
+    requests, request_tasks = [], []
+    for task in tasks:
+        leaves = [index for index, group in enumerate(groups) if group.task == task]
+        for start in range(0, len(leaves), limit):
+            requests.append(leaves[start : start + limit])
+            request_tasks.append(task)
+    outputs = []
+    for task, request, head_input in zip(
+        request_tasks, requests, gather(blocks, requests, batch), strict=True
+    ):
+        leaf_groups = [groups[index] for index in request]
+        outputs.append((task, leaf_groups, _call(net.heads[task], head_input, leaf_groups, norm)))
+    return outputs
+
+
+def _call_requests(
+    module: nn.Module,
+    blocks: list[Block],
+    requests: list[list[int]],
+    groups: list[Group],
+    batch: int,
+    norm: GroupedBatchNorm,
+) -> list[Block]:
+    new_blocks = []
+    for request, module_input in zip(requests, gather(blocks, requests, batch), strict=True):
+        request_groups = [groups[index] for index in request]
+        new_blocks.append(Block(_call(module, module_input, request_groups, norm), request_groups))
+    return new_blocks
+
+
+def _call(module: nn.Module, h: Tensor, groups: list[Group], norm: GroupedBatchNorm) -> Tensor:
     if norm.active:
         norm.groups = [[pair.order for pair in group.pairs] for group in groups]
     return module(h)
 
 
 def _pair_losses(
-    outputs: list[tuple[int, list[_Group], Tensor]], y: Tensor
+    outputs: list[tuple[int, list[Group], Tensor]], y: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Return the literal-order index and the loss of every pair of a chunk.
 
@@ -273,39 +342,3 @@ def _target_count(targets: Tensor) -> Tensor | int:
     if targets.is_floating_point():
         return targets.shape[0]
     return (targets != -100).sum()
-
-
-def _select(h: Tensor, indices: list[int], num_groups: int, allow_view: bool = True) -> Tensor:
-    """Return the rows of the groups ``indices`` of ``h``, whose rows form ``num_groups`` groups.
-
-    The result is a view of ``h`` where the groups are consecutive and ``allow_view`` is set,
-    and a copy otherwise.
-    """
-    rows = h.shape[0] // num_groups
-    consecutive = indices == list(range(indices[0], indices[0] + len(indices)))
-    if allow_view and consecutive:
-        if len(indices) == num_groups:
-            return h
-        return h.narrow(0, indices[0] * rows, len(indices) * rows)
-    flat, restore = _flat_groups(h, num_groups)
-    index = torch.tensor(indices, device=h.device)
-    return restore(flat.index_select(0, index))
-
-
-def _flat_groups(h: Tensor, num_groups: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """View ``h`` as ``[num_groups, -1]`` in memory order; return it and the inverse reshape."""
-    if is_channels_last(h):
-        moved = h.movedim(1, -1)
-        row_shape = moved.shape[1:]
-        return moved.reshape(num_groups, -1), lambda f: f.view(-1, *row_shape).movedim(-1, 1)
-    h = h.contiguous()
-    row_shape = h.shape[1:]
-    return h.view(num_groups, -1), lambda f: f.view(-1, *row_shape)
-
-
-def _concat(outputs: list[Tensor]) -> Tensor:
-    if len(outputs) == 1:
-        return outputs[0]
-    if all(is_channels_last(out) for out in outputs):
-        return torch.cat([out.movedim(1, -1) for out in outputs]).movedim(-1, 1)
-    return torch.cat(outputs)
