@@ -136,8 +136,8 @@ def plan_chunks(
     trunk position and at the heads. With ``keep_graph`` (a training pass) a chunk's cost is
     the summed size of its nodes, which autograd keeps until the backward pass. Without it (no
     gradients) a position's activations are freed once the next one is computed, so the cost
-    is that of the largest position. Each chunk holds at least one pair; ``budget=None`` gives
-    one chunk.
+    is that of the largest position. Each chunk contains at least one pair, and
+    ``budget=None`` gives one chunk.
     """
     ordered = sorted(pairs, key=lambda pair: (pair.task, pair.path, pair.order))
     if budget is None:

@@ -208,7 +208,7 @@ class BatchedEngine:
         groups = [Group(task, [pair for pair in pairs if pair.task == task]) for task in tasks]
         blocks = [Block(h, groups)]
         depth = 0
-        for layer, limit in zip(net.layers, limits, strict=False):
+        for layer, limit in zip(net.layers, limits[:-1], strict=True):
             if isinstance(layer, WeightBank):
                 blocks = _run_banks(layer, blocks, depth, limit, batch, norm)
                 depth += 1
@@ -254,7 +254,7 @@ def _run_banks(
                 children.append(Group(group.task, pairs))
             index += 1
 
-    # One gather for all banks, so that it sees every bank that reads a group.
+    # One gather for all banks, so that it counts every bank that reads a group.
     requests, calls = [], []
     for bank in sorted(by_bank):
         parents, children = by_bank[bank]
@@ -275,6 +275,7 @@ def _run_heads(
     batch: int,
     norm: GroupedBatchNorm,
 ) -> list[tuple[int, list[Group], Tensor]]:
+    """Run each task's head on its leaf groups, at most ``limit`` groups per call."""
     groups = [group for block in blocks for group in block.groups]
     requests, request_tasks = [], []
     for task in tasks:
