@@ -52,6 +52,17 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> LWSModul
     )
 
 
+def _check_checkpoint_path(path: str | None) -> None:
+    """Raise :class:`UserInputError` if ``ckpt_path`` is set but names no readable file."""
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise UserInputError(
+            f"ckpt_path={path} is not a file. Give the path of a last.ckpt written by an "
+            "earlier run, or drop ckpt_path to start fresh."
+        )
+
+
 def _check_trainer(trainer: L.Trainer) -> None:
     """Raise :class:`UserInputError` for a precision or strategy that LWS does not support."""
     if trainer.precision not in SUPPORTED_PRECISIONS:
@@ -90,7 +101,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
+    try:
+        module = build_module(cfg, datamodule)
+    except (ValueError, TypeError) as error:
+        raise UserInputError(f"The model config is invalid: {error}") from None
+    _check_checkpoint_path(cfg.get("ckpt_path"))
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

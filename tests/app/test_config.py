@@ -130,3 +130,27 @@ def test_offline_missing_files_named(tmp_path):
     assert "download" in output
     assert "Traceback" not in result.stderr
     assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.engine=foo", "model.engine='foo'"),
+        ("model.architecture=foo", "model.architecture='foo'"),
+        ("ckpt_path=/no/such/file.ckpt", "ckpt_path=/no/such/file.ckpt"),
+    ],
+)
+def test_invalid_model_or_checkpoint_one_paragraph(tmp_path, override, named):
+    (tmp_path / "data").mkdir()
+    result = _run_app(
+        override,
+        f"paths.log_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "+model.architecture_options.width=4",
+        "+model.architecture_options.hidden=8",
+        cwd=tmp_path,
+    )
+    output = result.stderr + result.stdout
+    assert result.returncode == 2
+    assert named in output
+    assert "Traceback" not in result.stderr

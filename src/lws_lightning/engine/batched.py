@@ -53,7 +53,7 @@ from lws_lightning.sharing.bank import WeightBank
 
 DEFAULT_MEMORY_RATIO = 1.5
 DEFAULT_MIN_CHUNK_BYTES = 256 * 2**20
-DEFAULT_MAX_CALL_BYTES = 8 * 2**20
+DEFAULT_MAX_CALL_BYTES = 4 * 2**20
 
 
 class BatchedEngine:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -220,7 +221,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         raise IncompleteRunError(f"no {path.relative_to(path.parent.parent)}")
     try:
         container = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except (OSError, OmegaConfBaseException, ValueError) as error:
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as error:
         raise IncompleteRunError(f"{path.name} is not valid YAML ({error})") from None
     if not isinstance(container, dict):
         raise IncompleteRunError(f"{path.name} does not contain a mapping")
