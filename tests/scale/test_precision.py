@@ -78,7 +78,13 @@ def test_16_mixed_clips_unscaled_gradients(compose_config, data_root, tmp_path, 
     # Lightning turns precision=16-mixed into bf16-mixed on CPUs, so the plugin is built by
     # hand with a CPU gradient scaler. The module then receives the same calls as on a GPU.
     cfg = compose_config(
-        *TINY_IN_PROCESS, f"data.root={data_root}", "model.grad_clip=1e-3", "model.sgd_samples=3"
+        *TINY_IN_PROCESS,
+        f"data.root={data_root}",
+        "model.grad_clip=1e-3",
+        "model.sgd_samples=3",
+        # The literal engine runs one scaled backward pass per sample, which the call order
+        # below expects; the batched engine runs one for all samples.
+        "model.engine=literal",
     )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -76,26 +76,29 @@ def test_multirun_failed_job_isolated(tmp_path, data_root):
     _, (failed, finished) = _sweep_jobs(tmp_path)
     status = json.loads((failed / STATUS_FILE).read_text())
     assert status["status"] == "failed"
-    assert status["error"].startswith("ValueError: model.engine='no_such_engine' is unknown")
+    assert status["error"].startswith("UserInputError: The model config is invalid")
+    assert "model.engine='no_such_engine' is unknown" in status["error"]
     assert "Traceback" in status["traceback"]
     assert "model.engine=no_such_engine" in status["overrides"]
     assert not (failed / "results.json").exists()
-    assert "Traceback" in (failed / "__main__.log").read_text()
+    # Invalid input is logged as one paragraph; status.json keeps the traceback.
+    assert "no_such_engine" in (failed / "__main__.log").read_text()
 
     assert json.loads((finished / STATUS_FILE).read_text())["status"] == "ok"
     assert (finished / "results.json").is_file()
-    assert "Job 0 failed with ValueError" in output
+    assert "Job 0 failed with UserInputError" in output
     assert "Sweep finished: 1 jobs ok, 1 failed" in output
 
 
 def test_single_run_failure_exits_nonzero(tmp_path, data_root):
     result = run_app(*FAST, f"data.root={data_root}", "model.engine=no_such_engine", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "no_such_engine" in result.stderr
+    # Invalid input exits with 2; other failures exit with 1.
+    assert result.returncode == 2
+    assert "no_such_engine" in result.stdout + result.stderr
     (run_dir,) = (tmp_path / "outputs" / "mnist_trio_convnet" / "runs").iterdir()
     status = json.loads((run_dir / STATUS_FILE).read_text())
     assert status["status"] == "failed"
-    assert status["error"].startswith("ValueError")
+    assert status["error"].startswith("UserInputError")
 
 
 @pytest.mark.slow
