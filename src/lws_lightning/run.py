@@ -88,7 +88,7 @@ def _check_trainer(trainer: L.Trainer) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test LWS as ``cfg`` says; write results into ``cfg.paths.output_dir``.
+    """Train and test LWS as ``cfg`` specifies, then write results into ``cfg.paths.output_dir``.
 
     Returns:
         The results that ``results.json`` holds.
