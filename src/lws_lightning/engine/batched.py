@@ -14,6 +14,9 @@ of a pass together, layer by layer:
 - Batch norm in training mode normalizes each group with that group's own statistics, as the
   literal engine's separate passes do, and running statistics are updated afterwards in closed
   form (see :mod:`lws_lightning.engine._group_norm`).
+- Layers prepare their weights once per pass: 2-D convolutions reuse one channels-last copy,
+  and in passes without gradients eval-mode batch norm is folded into the convolution or
+  linear layer before it (see :mod:`lws_lightning.engine._layer_weights`).
 - 4-D activations use the channels-last memory format, where CPU max-pooling and batch norm
   are several times faster (2×2 max-pooling of [16, 32, 28, 28] about 7.6 times on two AMD
   EPYC cores, PyTorch 2.14). Only the memory layout changes, not the values.
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lws_lightning.engine._group_norm import GroupedBatchNorm, to_channels_last
+from lws_lightning.engine._layer_weights import prepared_layers
 from lws_lightning.engine._plan import (
     Pair,
     activation_sizes,
@@ -53,7 +57,7 @@ from lws_lightning.sharing.bank import WeightBank
 
 DEFAULT_MEMORY_RATIO = 1.5
 DEFAULT_MIN_CHUNK_BYTES = 256 * 2**20
-DEFAULT_MAX_CALL_BYTES = 4 * 2**20
+DEFAULT_MAX_CALL_BYTES = 2 * 2**20
 
 
 class BatchedEngine:
@@ -104,7 +108,7 @@ class BatchedEngine:
         inputs = x.unsqueeze(0)
         limits = self._call_limits(net, inputs)
         norm = GroupedBatchNorm()
-        with norm.patch(net):
+        with norm.patch(net), prepared_layers(net, fold=not torch.is_grad_enabled()):
             outputs = self._forward(net, inputs, [task], [pair], limits, norm)
         norm.update_running_stats()
         return torch.cat([logits for _, _, logits in outputs])
@@ -152,7 +156,8 @@ class BatchedEngine:
             for chunk in chunks:
                 tasks = sorted({pair.task for pair in chunk})
                 inputs = x if len(tasks) == num_tasks else x[tasks]
-                outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
+                with prepared_layers(net, fold=backward is None):
+                    outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
                 chunk_orders, chunk_losses = _pair_losses(outputs, y)
                 if backward is not None:
                     backward(chunk_losses.sum() * scale)
