@@ -22,7 +22,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -35,12 +34,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.engine import Engine, StepConfig, build_engine, lws_step
 from lws_lightning.nets import MultiTaskNet, build_net
 from lws_lightning.sharing import AssignmentDistribution
 
 ENGINE_NAMES = ("literal", "batched")
-RETAINING_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 # π of the late-training cases: each (layer, task) puts 1 - (K - 1) * P_MIN on one bank, which
 # gives a mean entropy of about 0.02 nats for K = 20.
 P_MIN_CONCENTRATED = 1e-4
@@ -397,33 +396,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--allocator",
         choices=["default", "retain"],
         default="default",
-        help="glibc malloc settings: default, or retain (restart with GLIBC_TUNABLES that keep "
-        "freed memory in the process instead of unmapping and faulting it in again)",
+        help="C allocator: glibc's defaults, or retain (keep freed memory for reuse, as "
+        "python -m lws_lightning does by default; see lws_lightning/allocator.py)",
     )
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--measure-memory", choices=ENGINE_NAMES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def restart_with_retaining_allocator(argv: list[str]) -> None:
-    """Restart this script with glibc malloc set to never unmap or trim freed memory.
-
-    glibc serves large allocations with fresh mappings and returns freed memory to the
-    system, so every large tensor faults its pages in again. ``mmap_max=0`` serves all
-    allocations from the heap and a huge ``trim_threshold`` keeps the heap, so freed memory is
-    reused. Other C libraries ignore the variable.
-    """
-    if os.environ.get("GLIBC_TUNABLES") == RETAINING_TUNABLES:
-        return
-    os.environ["GLIBC_TUNABLES"] = RETAINING_TUNABLES
-    os.execv(sys.executable, [sys.executable, __file__, *argv])
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.allocator == "retain":
-        restart_with_retaining_allocator(argv)
+    if args.allocator == "retain" and not retain_freed_memory():
+        raise SystemExit("--allocator retain needs glibc; use --allocator default.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -439,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {machine_description(device)}; torch {torch.__version__}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    print(f"allocator: {args.allocator}")
     print()
     print(table_header(not args.skip_memory), flush=True)
     for case in cases:

@@ -65,3 +65,9 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.accumulate_grad_batches={accumulate} has no effect under manual "
             "optimization; raise data.batch_size or model.sgd_samples instead."
         )
+    retain = cfg.get("retain_freed_memory", False)
+    if not isinstance(retain, bool):
+        raise UserInputError(
+            f"retain_freed_memory={retain!r} is invalid: set it to true (keep freed memory for "
+            "reuse, faster) or false (return it to the system)."
+        )

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
 from lws_lightning.lit.loggers import finish_wandb_runs
@@ -95,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     check_config(cfg)
     _silence_known_warnings()
+    if cfg.get("retain_freed_memory", False):
+        retain_freed_memory()
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

@@ -71,6 +71,7 @@ def test_default_experiment(compose_config):
         ("trainer.max_steps=0", "trainer.max_steps=0"),
         ("+trainer.gradient_clip_val=1.0", "model.grad_clip"),
         ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4"),
+        ("retain_freed_memory=sometimes", "retain_freed_memory='sometimes'"),
     ],
 )
 def test_invalid_setting_rejected(compose_config, override, named):

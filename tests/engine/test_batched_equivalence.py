@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from lws_lightning.engine import (
     LiteralEngine,
     StepConfig,
     _group_norm,
+    _layer_weights,
     build_engine,
     lws_step,
 )
@@ -135,11 +137,20 @@ def test_evaluate_matches_literal(name: str, variant: str | None) -> None:
     assert actual[0] == pytest.approx(actual[3].item(), rel=1e-12)
 
 
-@pytest.fixture(params=["whole_tensor", "per_group"])
+@pytest.fixture(params=["whole_tensor", "per_group", "patch_moments"])
 def batch_norm_computation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with whole-tensor batch-norm operations and with one native call per group."""
+    """Run a test with each way of computing training-mode batch norm.
+
+    whole_tensor and per_group normalize the convolution outputs with whole-tensor operations
+    or with one native call per group. patch_moments folds batch norm into every convolution
+    before it, with statistics from the input patches, which the default threshold allows
+    only for convolutions with few inputs per output value.
+    """
     threshold = 2**62 if request.param == "whole_tensor" else 0
     monkeypatch.setattr(_group_norm, "PER_GROUP_MIN_ELEMENTS", threshold)
+    ratio = math.inf if request.param == "patch_moments" else 0.0
+    monkeypatch.setattr(_layer_weights, "PATCH_MOMENTS_MAX_RATIO", ratio)
+    monkeypatch.setattr(_layer_weights, "PATCH_MOMENTS_MIN_ELEMENTS", 0)
     return request.param
 
 
@@ -198,7 +209,9 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize(("name", "variant"), ARCHITECTURE_CASES)
-def test_lws_step_matches_literal(name: str, variant: str | None, optimizer: str) -> None:
+def test_lws_step_matches_literal(
+    name: str, variant: str | None, optimizer: str, batch_norm_computation: str
+) -> None:
     literal_net = tiny_net(name, variant)
     batched_net = copy.deepcopy(literal_net)
     # π puts no mass on bank 2, and most on bank 0 of the last layer, so the 8 samples of a

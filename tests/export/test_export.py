@@ -75,6 +75,11 @@ def load_without_package(tmp_path: Path, inputs: dict, export_dirs: list[Path]) 
     return torch.load(tmp_path / "out.pt", weights_only=True)
 
 
+# The module evaluates with its engine, which folds batch norm into the layer before it, so
+# float32 results differ from the exported plain layers by rounding.
+RTOL, ATOL = 1e-4, 1e-5
+
+
 def module_logits(module: LWSModule, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Evaluation logits of the training module under its most likely assignment."""
     module.eval()
@@ -150,7 +155,7 @@ def test_export_matches_module(lws_multirun, tmp_path, caplog):
         expected = module_logits(module, inputs)
         for name in task_names:
             torch.testing.assert_close(
-                exported["logits"][name], expected[name], rtol=1e-5, atol=1e-6
+                exported["logits"][name], expected[name], rtol=RTOL, atol=ATOL
             )
         assignment = module.most_likely_assignment()
         torch.testing.assert_close(exported["compact_assignment"], assignment)
@@ -178,7 +183,7 @@ def test_export_cli_subprocess(lws_multirun, tmp_path):
     exported = load_without_package(tmp_path, inputs, [export_dir])["exports"]["full"]
     expected = module_logits(module, inputs)
     for name in module.task_names:
-        torch.testing.assert_close(exported["logits"][name], expected[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exported["logits"][name], expected[name], rtol=RTOL, atol=ATOL)
     assert stored_banks(exported["compact_keys"]) == {
         (position, 0) for position in module.net.shareable_positions
     }

@@ -366,7 +366,7 @@ class GroupedBatchNorm:
     @contextmanager
     def patch(self, net: nn.Module) -> Iterator[None]:
         """Patch the batch-norm modules of ``net`` that use batch statistics, for one pass."""
-        patched = [module for module in net.modules() if _uses_batch_stats(module)]
+        patched = [module for module in net.modules() if uses_batch_stats(module)]
         _reject_unsupported(net)
         try:
             for module in patched:
@@ -385,12 +385,13 @@ class GroupedBatchNorm:
                 x, len(self.groups), module.weight, module.bias, module.eps
             )
             if module.training and module.track_running_stats:
-                self._record(module, mean, var)
+                self.record(module, mean, var)
             return out
 
         return forward
 
-    def _record(self, module: _BatchNorm, mean: Tensor, var: Tensor) -> None:
+    def record(self, module: _BatchNorm, mean: Tensor, var: Tensor) -> None:
+        """Log the batch statistics ([groups, C], unbiased variance) of one call of ``module``."""
         log = self._logs.setdefault(module, _StatsLog())
         for group, pairs in enumerate(self.groups):
             for pair in pairs:
@@ -449,7 +450,7 @@ def _apply_updates(module: _BatchNorm, log: _StatsLog) -> None:
         module.num_batches_tracked.add_(count)
 
 
-def _uses_batch_stats(module: nn.Module) -> bool:
+def uses_batch_stats(module: nn.Module) -> bool:
     """Return whether ``module`` is a batch norm that normalizes with its input's statistics."""
     if not isinstance(module, _BatchNorm):
         return False

@@ -14,9 +14,14 @@ of a pass together, layer by layer:
 - Batch norm in training mode normalizes each group with that group's own statistics, as the
   literal engine's separate passes do, and running statistics are updated afterwards in closed
   form (see :mod:`lws_lightning.engine._group_norm`).
-- Layers prepare their weights once per pass: 2-D convolutions reuse one channels-last copy,
-  and in passes without gradients eval-mode batch norm is folded into the convolution or
-  linear layer before it (see :mod:`lws_lightning.engine._layer_weights`).
+- Layers prepare their weights once per pass (see :mod:`lws_lightning.engine._layer_weights`).
+  2-D convolutions reuse one channels-last copy. In passes without gradients, eval-mode batch
+  norm is folded into the convolution or linear layer before it. Training-mode batch norm
+  after a convolution with few inputs per output value, such as a first layer on grayscale
+  images, is folded into it too, with each group's statistics from its input patches.
+- ReLU followed by max-pooling runs as max-pooling followed by ReLU, which gives the same
+  values and gradients with ReLU on the pooled map (see
+  :mod:`lws_lightning.engine._pool_first`).
 - 4-D activations use the channels-last memory format, where CPU max-pooling and batch norm
   are several times faster (2×2 max-pooling of [16, 32, 28, 28] about 7.6 times on two AMD
   EPYC cores, PyTorch 2.14). Only the memory layout changes, not the values.
@@ -35,7 +40,8 @@ in the literal engine, so their outputs differ from it (with the same distributi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +57,7 @@ from lws_lightning.engine._plan import (
     plan_chunks,
     position_depths,
 )
+from lws_lightning.engine._pool_first import pool_before_relu
 from lws_lightning.engine._routing import Block, Group, gather
 from lws_lightning.nets.multitask import MultiTaskNet
 from lws_lightning.sharing.bank import WeightBank
@@ -108,7 +115,7 @@ class BatchedEngine:
         inputs = x.unsqueeze(0)
         limits = self._call_limits(net, inputs)
         norm = GroupedBatchNorm()
-        with norm.patch(net), prepared_layers(net, fold=not torch.is_grad_enabled()):
+        with self._patched(net, norm, fold=not torch.is_grad_enabled()):
             outputs = self._forward(net, inputs, [task], [pair], limits, norm)
         norm.update_running_stats()
         return torch.cat([logits for _, _, logits in outputs])
@@ -152,21 +159,26 @@ class BatchedEngine:
         scale = 1.0 / (num_samples * num_tasks)
         orders, losses = [], []
         norm = GroupedBatchNorm()
-        with norm.patch(net):
-            for chunk in chunks:
-                tasks = sorted({pair.task for pair in chunk})
-                inputs = x if len(tasks) == num_tasks else x[tasks]
-                with prepared_layers(net, fold=backward is None):
-                    outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
-                chunk_orders, chunk_losses = _pair_losses(outputs, y)
-                if backward is not None:
-                    backward(chunk_losses.sum() * scale)
-                orders.append(chunk_orders)
-                losses.append(chunk_losses.detach())
+        for chunk in chunks:
+            tasks = sorted({pair.task for pair in chunk})
+            inputs = x if len(tasks) == num_tasks else x[tasks]
+            with self._patched(net, norm, fold=backward is None):
+                outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
+            chunk_orders, chunk_losses = _pair_losses(outputs, y)
+            if backward is not None:
+                backward(chunk_losses.sum() * scale)
+            orders.append(chunk_orders)
+            losses.append(chunk_losses.detach())
         norm.update_running_stats()
         pair_losses = losses[0].new_empty(num_samples * num_tasks)
         pair_losses[torch.cat(orders)] = torch.cat(losses)
         return pair_losses.view(num_samples, num_tasks).mean(1)
+
+    @contextmanager
+    def _patched(self, net: MultiTaskNet, norm: GroupedBatchNorm, fold: bool) -> Iterator[None]:
+        """Patch ``net``'s modules for one batched forward pass (see the module docstring)."""
+        with norm.patch(net), prepared_layers(net, fold, norm), pool_before_relu(net):
+            yield
 
     def _plan(
         self, net: MultiTaskNet, x: Tensor, pairs: list[Pair], keep_graph: bool
