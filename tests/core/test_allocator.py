@@ -20,8 +20,10 @@ from lws_lightning.allocator import retain_freed_memory
 
 applied = retain_freed_memory() if sys.argv[1] == "retain" else None
 # 64 MiB tensors, above glibc's largest mmap threshold, are allocated and freed as in a
-# training loop. The faults of the last rounds are counted, after the heap reached its peak.
-for _ in range(4):
+# training loop. The faults of the last rounds are counted, after the heap reached its peak:
+# in the first rounds it grows, because a freed chunk is a little short for the next aligned
+# request until it merges with its neighbors.
+for _ in range(12):
     torch.ones(2**24)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(ROUNDS):
@@ -53,6 +55,6 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     retain_applied, retain_faults = page_faults("retain")
     assert (default_applied, retain_applied) == ("None", "True")
     # By default glibc maps a fresh region for every tensor, and each of its 4 KiB pages
-    # faults once. Kept memory is already mapped, though one round of 8 may still grow the heap.
+    # faults once. Kept memory is already mapped.
     assert default_faults > PAGES // 2
-    assert retain_faults < PAGES // 4
+    assert retain_faults < PAGES // 16
