@@ -318,6 +318,21 @@ def machine_description(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Return the median GFLOP/s of a float32 ``size``×``size`` matrix product on ``device``."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    times = []
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+
+
 def format_row(case: Case, timing: dict[str, Any], memory: dict[str, dict] | None) -> str:
     median = {name: statistics.median(timing["times"][name]) for name in ENGINE_NAMES}
     speed = {name: 1.0 / median[name] for name in ENGINE_NAMES}
@@ -425,6 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_description(device)}; torch {torch.__version__}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(f"allocator: {args.allocator}")
+    matmul_size = 8192 if device.type == "cuda" else 2048
+    print(
+        f"float32 {matmul_size}×{matmul_size} matrix product: "
+        f"{matmul_rate(device, matmul_size):.0f} GFLOP/s"
+    )
     print()
     print(table_header(not args.skip_memory), flush=True)
     for case in cases:
