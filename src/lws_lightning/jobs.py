@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 # Exit code of a single run whose config or data is invalid; other failures exit with 1.
 USER_ERROR_EXIT_CODE = 2
+# Exit code of a run stopped by SIGTERM, as a shell reports a process that the signal killed.
+# Lightning stops on SIGTERM with an exception that would otherwise exit with code 0.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # Hydra command-line flags that choose the config and take a value; they are passed on to the
 # DDP processes of a sweep job.
 _CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
@@ -49,7 +54,8 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
         The test error, or None when the job failed inside a sweep.
 
     Raises:
-        SystemExit: A single run failed on invalid input (exit code 2).
+        SystemExit: A single run failed on invalid input (exit code 2), or a run or sweep
+            stopped on SIGTERM (exit code 143).
         Exception: A single run failed otherwise; the error propagates unchanged.
     """
     hydra_config = HydraConfig.get()
@@ -67,6 +73,12 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
             results = train(cfg)
     except BaseException as error:
         write_status(hydra_config, "failed", started, error)
+        if isinstance(error, SIGTERMException):
+            log.error(
+                "The run stopped on SIGTERM. Resume it with ckpt_path=<its last.ckpt> if a "
+                "checkpoint was written."
+            )
+            sys.exit(SIGTERM_EXIT_CODE)
         if isinstance(error, UserInputError):
             log.error("%s", error)
             if in_sweep:

@@ -1,0 +1,51 @@
+"""A run stopped by SIGTERM exits with code 143 and records the failure in status.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE
+
+
+def wait_for_iterations(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until the run has logged metrics of a few iterations, so training is under way."""
+    metrics = run_dir / "csv" / "metrics.csv"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"The run ended early with code {process.returncode}.")
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"No metrics in {metrics} after {timeout} s.")
+
+
+def test_sigterm_exits_143(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (tmp_path / "data").mkdir()
+    command = [sys.executable, "-m", "lws_lightning", "trainer.max_steps=100000"]
+    command += ["trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "output.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=environment, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for_iterations(run_dir, process, timeout=120)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        finally:
+            process.kill()
+
+    assert process.returncode == SIGTERM_EXIT_CODE
+    assert "stopped on SIGTERM" in log_path.read_text()
+    status = json.loads((run_dir / STATUS_FILE).read_text())
+    assert status["status"] == "failed"
+    assert status["error"].startswith("SIGTERMException")
