@@ -222,15 +222,15 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> li
     """Write the task programs, the compact checkpoint and the manifest; return their paths."""
     module = load_lws_checkpoint(checkpoint_path)
     output_dir = Path(output_dir)
+    stems = _file_stems(module.task_names)
+    _check_no_stale_task_files(output_dir, {f"task_{stem}.pt2" for stem in stems})
     output_dir.mkdir(parents=True, exist_ok=True)
     net = module.net
     assignment = module.most_likely_assignment().cpu()
 
     written = []
     tasks = []
-    for task, (name, stem) in enumerate(
-        zip(module.task_names, _file_stems(module.task_names), strict=True)
-    ):
+    for task, (name, stem) in enumerate(zip(module.task_names, stems, strict=True)):
         network = task_network(net, task, assignment[:, task])
         file = export_task_network(network, net.input_shape, output_dir / f"task_{stem}.pt2")
         written.append(file)
@@ -263,6 +263,24 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> li
     )
     written.append(manifest)
     return written
+
+
+def _check_no_stale_task_files(output_dir: Path, task_files: set[str]) -> None:
+    """Raise if ``output_dir`` holds task programs that this export would not overwrite.
+
+    Such files come from another export, and next to the new manifest they would pass for
+    tasks of this checkpoint.
+    """
+    if not output_dir.is_dir():
+        return
+    stale = sorted(
+        path.name for path in output_dir.glob("task_*.pt2") if path.name not in task_files
+    )
+    if stale:
+        raise UserInputError(
+            f"{output_dir} already holds task programs of another export: {', '.join(stale)}. "
+            "Export into an empty folder, or delete those files first."
+        )
 
 
 def _file_stems(names: Sequence[str]) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lws_lightning.errors import UserInputError
 from lws_lightning.export import (
     MANIFEST_FILE,
     MULTITASK_FILE,
@@ -116,6 +117,18 @@ def stored_banks(keys: list[str]) -> set[tuple[int, int]]:
         if parts[0] == "layers" and parts[2] == "banks":
             pairs.add((int(parts[1]), int(parts[3])))
     return pairs
+
+
+def tiny_module(task_names: list[str]) -> LWSModule:
+    """A small untrained DKL ConvNet module with the given task names."""
+    return LWSModule(
+        architecture="dkl_convnet",
+        num_classes=[3] * len(task_names),
+        input_shape=(1, 16, 16),
+        num_banks=2,
+        architecture_options={"width": 3, "hidden": 5},
+        task_names=task_names,
+    )
 
 
 def save_checkpoint(module: LWSModule, path: Path) -> Path:
@@ -280,7 +293,7 @@ def test_export_architectures(tmp_path, architecture, options, input_shape):
     ):
         program = torch.export.load(tmp_path / "export" / file).module()
         with torch.no_grad():
-            torch.testing.assert_close(program(inputs[name]), expected[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(program(inputs[name]), expected[name], rtol=RTOL, atol=ATOL)
 
 
 def test_missing_checkpoint_names_file(tmp_path):
@@ -322,3 +335,19 @@ def test_export_cli_error_exit_code(tmp_path, caplog):
     assert status == 2
     assert f"{path} is not an LWS checkpoint" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_export_rejects_stale_task_files(tmp_path):
+    first = tiny_module(["alpha", "beta"])
+    second = tiny_module(["gamma"])
+    export_dir = tmp_path / "export"
+    export_checkpoint(save_checkpoint(first, tmp_path / "first.ckpt"), export_dir)
+    before = {path.name: path.read_bytes() for path in export_dir.iterdir()}
+
+    with pytest.raises(UserInputError) as error:
+        export_checkpoint(save_checkpoint(second, tmp_path / "second.ckpt"), export_dir)
+
+    assert "task_alpha.pt2, task_beta.pt2" in str(error.value)
+    assert {path.name: path.read_bytes() for path in export_dir.iterdir()} == before
+    # The same checkpoint again overwrites its own files.
+    export_checkpoint(tmp_path / "first.ckpt", export_dir)
