@@ -266,7 +266,7 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path) -> li
 
 
 def _check_no_stale_task_files(output_dir: Path, task_files: set[str]) -> None:
-    """Raise if ``output_dir`` holds task programs that this export would not overwrite.
+    """Raise if ``output_dir`` contains task programs that this export would not overwrite.
 
     Such files come from another export, and next to the new manifest they would pass for
     tasks of this checkpoint.
@@ -278,7 +278,7 @@ def _check_no_stale_task_files(output_dir: Path, task_files: set[str]) -> None:
     )
     if stale:
         raise UserInputError(
-            f"{output_dir} already holds task programs of another export: {', '.join(stale)}. "
+            f"{output_dir} already contains task programs of another export: {', '.join(stale)}. "
             "Export into an empty folder, or delete those files first."
         )
 
