@@ -23,7 +23,9 @@ def collect_results(module: LWSModule, test_metrics: dict[str, float]) -> dict[s
     return {
         "sharing": hparams.sharing,
         "architecture": hparams.architecture,
+        # The configured K; full and none sharing override it per layer (1 and T banks).
         "num_banks": hparams.num_banks,
+        "banks_per_layer": list(module.distribution.num_banks),
         "steps": int(module.global_step),
         "tasks": module.task_names,
         "test": {

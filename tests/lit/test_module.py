@@ -153,6 +153,8 @@ def test_app_run_writes_outputs(compose_config, tmp_path, sharing):
     saved = json.loads((output / "results.json").read_text())
     assert saved["sharing"] == sharing
     assert saved["steps"] == 20
+    expected_banks = {"learned": 3, "full": 1, "none": 3}[sharing]
+    assert saved["banks_per_layer"] == [expected_banks] * 4
     assert set(saved["test"]["error_per_task"]) == {"fashion", "digits", "optdigits"}
     assert 0.0 <= saved["test"]["error"] <= 1.0
     assert len(saved["history"]) == 2
