@@ -268,3 +268,14 @@ def test_entropy_from_history(tmp_path):
     path = tmp_path / "entropy.png"
     path.write_bytes(figure_to_png(entropy_figure(series)))
     assert_png_drawn(path)
+
+
+def test_entropy_falls_back_without_csv_entropy(tmp_path):
+    """A run shorter than the logging interval has a metrics.csv without entropy columns."""
+    history = [{"step": 5, "entropy": 1.05, "error": 0.6}]
+    (tmp_path / "results.json").write_text(json.dumps({"history": history}))
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text("epoch,step,val/error\n0,4,0.6\n")
+    series, source = entropy_series(tmp_path)
+    assert source == tmp_path / "results.json"
+    assert series == {"routing/entropy": [(5, 1.05)]}

@@ -167,15 +167,17 @@ def entropy_series(run_dir: str | Path) -> tuple[dict[str, list[tuple[int, float
     """Return a run's entropy series of π and the file they come from.
 
     ``csv/metrics.csv`` (CSVLogger) contains ``routing/entropy/layer_<l>`` at every logged
-    iteration. Without it, the series come from ``history`` in ``results.json``, which has
-    only the mean over layers (``routing/entropy``) at each evaluation.
+    iteration. Without it, or when the run ended before its first logged iteration, the
+    series come from ``history`` in ``results.json``, which has only the mean over layers
+    (``routing/entropy``) at each evaluation.
     """
     run_dir = Path(run_dir)
     metrics_csv = run_dir / "csv" / "metrics.csv"
     if metrics_csv.is_file():
         series = read_metrics_csv(metrics_csv)
         entropy = {key: values for key, values in series.items() if key.startswith(ENTROPY_KEY)}
-        return entropy, metrics_csv
+        if any(entropy.values()):
+            return entropy, metrics_csv
     results_path = run_dir / "results.json"
     history = json.loads(results_path.read_text()).get("history", [])
     entropy = {ENTROPY_KEY: [(int(entry["step"]), float(entry["entropy"])) for entry in history]}
