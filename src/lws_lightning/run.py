@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
+from lws_lightning.export import load_lws_checkpoint
 from lws_lightning.lit.loggers import finish_wandb_runs
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
@@ -53,14 +54,33 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> LWSModul
     )
 
 
-def _check_checkpoint_path(path: str | None) -> None:
-    """Raise :class:`UserInputError` if ``ckpt_path`` is set but names no readable file."""
+def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
+    """Raise :class:`UserInputError` unless ``ckpt_path`` is unset or fits ``module``.
+
+    The checkpoint must be a readable LWS checkpoint whose weights have the names and shapes
+    of ``module``'s, which a run with other model settings does not write.
+    """
     if path is None:
         return
     if not Path(path).is_file():
         raise UserInputError(
             f"ckpt_path={path} is not a file. Give the path of a last.ckpt written by an "
             "earlier run, or drop ckpt_path to start fresh."
+        )
+    try:
+        saved = load_lws_checkpoint(path).state_dict()
+    except UserInputError as error:
+        raise UserInputError(f"ckpt_path={path} cannot be resumed from: {error}") from None
+    current = module.state_dict()
+    mismatched = sorted(set(saved) ^ set(current))
+    mismatched += [
+        key for key in sorted(set(saved) & set(current)) if saved[key].shape != current[key].shape
+    ]
+    if mismatched:
+        raise UserInputError(
+            f"ckpt_path={path} was written by a run with other model settings: its weights "
+            f"differ from this run's in {len(mismatched)} entries, first {mismatched[0]}. "
+            "Resume with the model overrides of that run, or drop ckpt_path to start fresh."
         )
 
 
@@ -108,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule)
     except (ValueError, TypeError) as error:
         raise UserInputError(f"The model config is invalid: {error}") from None
-    _check_checkpoint_path(cfg.get("ckpt_path"))
+    _check_checkpoint_path(cfg.get("ckpt_path"), module)
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

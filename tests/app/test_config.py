@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
+from lws_lightning.lit.module import GENERATOR_STATE_KEY, LWSModule
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -155,3 +157,47 @@ def test_invalid_model_or_checkpoint_one_paragraph(tmp_path, override, named):
     assert result.returncode == 2
     assert named in output
     assert "Traceback" not in result.stderr
+
+
+def write_checkpoint_of_other_model(path: Path) -> Path:
+    """Save an LWS checkpoint of a DKL ConvNet with width 6, which the test runs do not use."""
+    module = LWSModule(
+        architecture="dkl_convnet",
+        num_classes=[10, 10, 10],
+        input_shape=(1, 28, 28),
+        num_banks=3,
+        architecture_options={"width": 6, "hidden": 8},
+    )
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        GENERATOR_STATE_KEY: module.generator.get_state(),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "other_model"])
+def test_unusable_checkpoint_one_paragraph(tmp_path, kind):
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "last.ckpt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint")
+        named = "is not a readable PyTorch checkpoint"
+    else:
+        write_checkpoint_of_other_model(path)
+        named = "was written by a run with other model settings"
+    result = _run_app(
+        f"ckpt_path={path}",
+        f"paths.log_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "+model.architecture_options.width=4",
+        "+model.architecture_options.hidden=8",
+        cwd=tmp_path,
+    )
+    output = result.stderr + result.stdout
+    assert result.returncode == 2
+    assert f"ckpt_path={path}" in output
+    assert named in output
+    assert "Traceback" not in result.stderr
+    assert path.read_bytes()
