@@ -93,6 +93,19 @@ def _run_app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _run_tiny_app(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run the app with a narrow net for 2 iterations, with its data root and logs in tmp_path."""
+    (tmp_path / "data").mkdir()
+    return _run_app(
+        *args,
+        f"paths.log_dir={tmp_path}",
+        "trainer.max_steps=2",
+        "+model.architecture_options.width=4",
+        "+model.architecture_options.hidden=8",
+        cwd=tmp_path,
+    )
+
+
 def test_unknown_experiment_lists_choices(tmp_path):
     result = _run_app("experiment=no_such_experiment", cwd=tmp_path)
     assert result.returncode != 0
@@ -144,15 +157,7 @@ def test_offline_missing_files_named(tmp_path):
     ],
 )
 def test_invalid_model_or_checkpoint_one_paragraph(tmp_path, override, named):
-    (tmp_path / "data").mkdir()
-    result = _run_app(
-        override,
-        f"paths.log_dir={tmp_path}",
-        "trainer.max_steps=2",
-        "+model.architecture_options.width=4",
-        "+model.architecture_options.hidden=8",
-        cwd=tmp_path,
-    )
+    result = _run_tiny_app(override, tmp_path=tmp_path)
     output = result.stderr + result.stdout
     assert result.returncode == 2
     assert named in output
@@ -179,7 +184,6 @@ def write_checkpoint_of_other_model(path: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["garbage", "other_model"])
 def test_unusable_checkpoint_one_paragraph(tmp_path, kind):
-    (tmp_path / "data").mkdir()
     path = tmp_path / "last.ckpt"
     if kind == "garbage":
         path.write_bytes(b"not a checkpoint")
@@ -187,14 +191,7 @@ def test_unusable_checkpoint_one_paragraph(tmp_path, kind):
     else:
         write_checkpoint_of_other_model(path)
         named = "was written by a run with other model settings"
-    result = _run_app(
-        f"ckpt_path={path}",
-        f"paths.log_dir={tmp_path}",
-        "trainer.max_steps=2",
-        "+model.architecture_options.width=4",
-        "+model.architecture_options.hidden=8",
-        cwd=tmp_path,
-    )
+    result = _run_tiny_app(f"ckpt_path={path}", tmp_path=tmp_path)
     output = result.stderr + result.stdout
     assert result.returncode == 2
     assert f"ckpt_path={path}" in output
