@@ -27,7 +27,7 @@ _INT_MAX = 2**31 - 1
 
 
 def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; return whether it took effect.
+    """Make glibc's malloc keep freed memory for reuse, and return whether it took effect.
 
     Call it once and early, because it changes the process's allocator for all later
     allocations. On a C library other than glibc it changes nothing and returns False.

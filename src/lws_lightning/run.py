@@ -70,7 +70,7 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
     try:
         saved = load_lws_checkpoint(path).state_dict()
     except UserInputError as error:
-        raise UserInputError(f"ckpt_path={path} cannot be resumed from: {error}") from None
+        raise UserInputError(f"ckpt_path={path} is invalid: {error}") from None
     current = module.state_dict()
     mismatched = sorted(set(saved) ^ set(current))
     mismatched += [

@@ -117,7 +117,7 @@ def _foldable_pairs(
         for layer, norm in zip(children, children[1:], strict=False):
             if uses[id(layer)] != 1 or uses[id(norm)] != 1 or not _plain_pair(layer, norm):
                 continue
-            if (eval_fold and _can_fold_eval(layer, norm)) or (
+            if (eval_fold and _can_fold_eval(norm)) or (
                 batch_fold and _can_fold_batch(layer, norm)
             ):
                 pairs.append((layer, norm))
@@ -134,7 +134,7 @@ def _plain_pair(layer: nn.Module, norm: nn.Module) -> bool:
     return not any(module._forward_hooks or module._forward_pre_hooks for module in (layer, norm))
 
 
-def _can_fold_eval(layer: nn.Module, norm: _BatchNorm) -> bool:
+def _can_fold_eval(norm: _BatchNorm) -> bool:
     return not norm.training and norm.running_mean is not None and norm.running_var is not None
 
 
@@ -258,10 +258,10 @@ def _batch_folded_conv(
     Each group's output mean and variance come from the mean and covariance of its input
     patches. They are computed in double precision where the device has it, because the
     variance is a quadratic form, which loses digits in single precision when filters and
-    patch correlations nearly cancel. The convolution runs on the zero-padded input minus its mean
-    per channel, with the bias corrected to match, so that neither the output nor the
-    gradient of the batch-norm scale is a difference of large terms when the input's mean is
-    large compared with its spread.
+    patch correlations nearly cancel. The convolution runs on the zero-padded input minus its
+    mean per channel, and the bias is corrected to match. Then neither the output nor the
+    gradient of the batch-norm scale is a difference of large terms, even when the input's
+    mean is large compared with its spread.
     """
     num_groups = len(grouped.groups)
     rows = x.shape[0] // num_groups
@@ -282,8 +282,8 @@ def _batch_folded_conv(
     scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight.to(stats_dtype)
-    # Output s * (w · p + b - mean) + beta, with p = (p - center) + center per input channel:
-    # s * w · (p - center) + beta - s * w · (patch_mean - center); the conv bias cancels.
+    # With p = (p - center) + center per input channel, s * (w · p + b - mean) + beta equals
+    # s * w · (p - center) + beta - s * w · (patch_mean - center), so the conv bias cancels.
     kernel_size = layer.weight[0, 0].numel()
     centers = patch_mean.view(num_groups, layer.in_channels, kernel_size).mean(-1)
     offsets = patch_mean - centers.repeat_interleave(kernel_size, dim=1)
