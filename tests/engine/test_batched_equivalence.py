@@ -25,6 +25,7 @@ from lws_lightning.engine import (
     StepConfig,
     _group_norm,
     _layer_weights,
+    _pool_norm,
     build_engine,
     lws_step,
 )
@@ -137,20 +138,26 @@ def test_evaluate_matches_literal(name: str, variant: str | None) -> None:
     assert actual[0] == pytest.approx(actual[3].item(), rel=1e-12)
 
 
-@pytest.fixture(params=["whole_tensor", "per_group", "patch_moments"])
+@pytest.fixture(params=["whole_tensor", "per_group", "patch_moments", "pool_first"])
 def batch_norm_computation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with each way of computing training-mode batch norm.
 
     whole_tensor and per_group normalize the convolution outputs with whole-tensor operations
     or with one native call per group. patch_moments folds batch norm into every convolution
     before it, with statistics from the input patches, which the default threshold allows
-    only for convolutions with few inputs per output value.
+    only for convolutions with few inputs per output value. pool_first runs every batch norm
+    before ReLU and max-pooling after the pooling, which the default threshold allows only
+    for large groups, and folds batch norm into first convolutions on one-channel inputs
+    (9 inputs per value for 4 output channels), as the default thresholds do for the SLO
+    ConvNet on 105×105 images.
     """
     threshold = 2**62 if request.param == "whole_tensor" else 0
     monkeypatch.setattr(_group_norm, "PER_GROUP_MIN_ELEMENTS", threshold)
-    ratio = math.inf if request.param == "patch_moments" else 0.0
-    monkeypatch.setattr(_layer_weights, "PATCH_MOMENTS_MAX_RATIO", ratio)
+    ratios = {"patch_moments": math.inf, "pool_first": 3.0}
+    monkeypatch.setattr(_layer_weights, "PATCH_MOMENTS_MAX_RATIO", ratios.get(request.param, 0.0))
     monkeypatch.setattr(_layer_weights, "PATCH_MOMENTS_MIN_ELEMENTS", 0)
+    pooled_min = 0 if request.param == "pool_first" else 2**62
+    monkeypatch.setattr(_pool_norm, "POOLED_MIN_ELEMENTS", pooled_min)
     return request.param
 
 

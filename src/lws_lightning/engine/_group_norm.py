@@ -44,7 +44,7 @@ class _GroupBatchNorm(torch.autograd.Function):
         num_groups: int,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        grouped = _grouped_view(x, num_groups)
+        grouped = grouped_view(x, num_groups)
         per_group = num_groups == 1 or x.numel() // num_groups >= PER_GROUP_MIN_ELEMENTS
         if num_groups > 1 and _fits_group_norm_kernel(grouped):
             out, mean, invstd = _forward_by_group_norm(x, grouped, weight, bias, eps)
@@ -130,7 +130,7 @@ def _forward_whole(
     scale = _scale(invstd, weight, grouped)
     shift = -mean * scale if bias is None else _per_channel(bias, grouped) - mean * scale
     out = torch.empty_like(x)
-    torch.addcmul(shift, grouped, scale, out=_grouped_view(out, num_groups))
+    torch.addcmul(shift, grouped, scale, out=grouped_view(out, num_groups))
     return out, mean.flatten(1), invstd.flatten(1)
 
 
@@ -183,8 +183,8 @@ def _backward_whole(
     weight: Tensor | None,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    grouped = _grouped_view(x, num_groups)
-    grouped_grad = _grouped_view(grad, num_groups)
+    grouped = grouped_view(x, num_groups)
+    grouped_grad = grouped_view(grad, num_groups)
     mean, invstd = mean.view(_stats_shape(grouped)), invstd.view(_stats_shape(grouped))
     dims = tuple(range(2, grouped.dim()))
     count = grouped[0, 0].numel()
@@ -199,7 +199,7 @@ def _backward_whole(
         # grad_x = scale · (grad - mean_g(grad) - x̂ · mean_g(grad · x̂)), in two passes.
         centered_coef = -scale * invstd * grad_dot_xhat / count
         grad_x = torch.empty_like(x)
-        grouped_grad_x = _grouped_view(grad_x, num_groups)
+        grouped_grad_x = grouped_view(grad_x, num_groups)
         torch.addcmul(-scale * grad_sum / count, centered, centered_coef, out=grouped_grad_x)
         grouped_grad_x.addcmul_(grouped_grad, scale)
     grad_weight = grad_dot_xhat.sum(0).flatten() if needs_grad[1] else None
@@ -238,7 +238,7 @@ def _fits_group_norm_kernel(grouped: Tensor) -> bool:
 def _alias_like(grouped_out: Tensor, x: Tensor) -> Tensor:
     """Return a tensor of ``x``'s shape on ``grouped_out``'s memory that is not an autograd view.
 
-    ``grouped_out`` must have the layout that :func:`_grouped_view` gives ``x``.
+    ``grouped_out`` must have the layout that :func:`grouped_view` gives ``x``.
     """
     layout = _ungrouped_view(grouped_out, x)
     alias = torch.empty(0, dtype=x.dtype, device=x.device)
@@ -254,7 +254,7 @@ def _same_layout(grad: Tensor, x: Tensor) -> Tensor:
     return grad.contiguous()
 
 
-def _grouped_view(x: Tensor, num_groups: int) -> Tensor:
+def grouped_view(x: Tensor, num_groups: int) -> Tensor:
     """View ``x`` ([N, C, *spatial], contiguous or channels-last) as ``[groups, C, *elements]``.
 
     Group g contains rows ``g * N / groups`` up to the next group. For a channels-last 4-D batch
@@ -269,7 +269,7 @@ def _grouped_view(x: Tensor, num_groups: int) -> Tensor:
 
 
 def _ungrouped_view(grouped: Tensor, x: Tensor) -> Tensor:
-    """Invert :func:`_grouped_view`: view ``grouped`` in ``x``'s shape."""
+    """Invert :func:`grouped_view`: view ``grouped`` in ``x``'s shape."""
     if is_channels_last(x):
         moved_shape = (x.shape[0], *x.shape[2:], x.shape[1])
         return grouped.movedim(1, -1).reshape(moved_shape).movedim(-1, 1)

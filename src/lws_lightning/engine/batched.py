@@ -21,7 +21,9 @@ of a pass together, layer by layer:
   images, is folded into it too, with each group's statistics from its input patches.
 - ReLU followed by max-pooling runs as max-pooling followed by ReLU, which gives the same
   values and gradients with ReLU on the pooled map (see
-  :mod:`lws_lightning.engine._pool_first`).
+  :mod:`lws_lightning.engine._pool_first`). On CPU, training-mode batch norm before them
+  runs after the pooling too, where its groups are large and its scale is positive (see
+  :mod:`lws_lightning.engine._pool_norm`).
 - 4-D activations use the channels-last memory format, where CPU max-pooling and batch norm
   are several times faster (2×2 max-pooling of [16, 32, 28, 28] about 7.6 times on two AMD
   EPYC cores, PyTorch 2.14). Only the memory layout changes, not the values.
@@ -177,7 +179,7 @@ class BatchedEngine:
     @contextmanager
     def _patched(self, net: MultiTaskNet, norm: GroupedBatchNorm, fold: bool) -> Iterator[None]:
         """Patch ``net``'s modules for one batched forward pass (see the module docstring)."""
-        with norm.patch(net), prepared_layers(net, fold, norm), pool_before_relu(net):
+        with norm.patch(net), prepared_layers(net, fold, norm), pool_before_relu(net, norm):
             yield
 
     def _plan(
