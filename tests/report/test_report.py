@@ -17,7 +17,7 @@ from lws_lightning.report.assignment import figure_to_png, plot_probs
 from lws_lightning.report.build import REPORT_FILE, write_report
 from lws_lightning.report.figures import entropy_figure, entropy_series, group_size_shares
 from lws_lightning.report.runs import Run, collect_runs
-from lws_lightning.report.tables import compare_learned, error_table
+from lws_lightning.report.tables import compare_learned, error_table, mixed_settings
 
 EXPERIMENT = "mnist_trio_convnet"
 
@@ -131,6 +131,55 @@ def test_report_errors_match_results(lws_multirun, tmp_path):
     mean, std = (float(value) for value in re.findall(r"\d+\.\d+", cell))
     assert mean == pytest.approx(100 * np.mean(learned), abs=0.006)
     assert std == pytest.approx(100 * np.std(learned, ddof=1), abs=0.006)
+    assert "## Mixed settings" not in report.markdown.read_text()
+
+
+def test_report_flags_pooled_runs_with_different_steps(lws_multirun, tmp_path, caplog):
+    copy = copy_runs(lws_multirun.sweep_dir, tmp_path / "runs")
+    job = copy / lws_multirun.jobs[("learned", 1)].relative_to(lws_multirun.sweep_dir)
+    results = json.loads((job / "results.json").read_text())
+    steps = results["steps"]
+    results["steps"] = steps * 2
+    (job / "results.json").write_text(json.dumps(results))
+
+    with caplog.at_level("WARNING", logger="lws_lightning.report.build"):
+        report = write_report([copy], tmp_path / "report")
+
+    expected = (
+        f"{EXPERIMENT}, learned sharing: training steps differ: "
+        f"{steps} (1 run), {steps * 2} (1 run)"
+    )
+    section = report.markdown.read_text().split("## Mixed settings", 1)[1].split("\n## ", 1)[0]
+    assert f"- {expected}" in section
+    assert "full sharing" not in section
+    assert any(expected in record.getMessage() for record in caplog.records)
+
+
+def make_settings_run(sharing: str, steps: int, banks: list[int] | None) -> Run:
+    results = {"test": {"error": 0.1}, "steps": steps}
+    if banks is not None:
+        results["banks_per_layer"] = banks
+    return Run(Path(f"/runs/{sharing}/{steps}"), "exp", sharing, 0, results)
+
+
+def test_mixed_settings_per_cell():
+    same = [make_settings_run("learned", 100, [4, 4]), make_settings_run("learned", 100, [4, 4])]
+    assert mixed_settings(same) == []
+    steps = [make_settings_run("none", 100, [3]), make_settings_run("none", 50, [3])] * 2
+    expected = "exp, no sharing: training steps differ: 100 (2 runs), 50 (2 runs)"
+    assert mixed_settings(steps) == [expected]
+    # Different settings in different cells are fine.
+    cells = [make_settings_run("learned", 100, [4, 4]), make_settings_run("full", 50, [1, 1])]
+    assert mixed_settings(cells) == []
+    swept = [
+        make_settings_run("learned", 100, [2, 2]),
+        make_settings_run("learned", 100, [8, 8]),
+        make_settings_run("learned", 100, None),
+    ]
+    assert mixed_settings(swept) == [
+        "exp, learned sharing: banks per layer differ: "
+        "[2, 2] (1 run), [8, 8] (1 run), not recorded (1 run)"
+    ]
 
 
 def test_report_lists_incomplete_runs(lws_multirun, tmp_path):

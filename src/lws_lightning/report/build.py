@@ -22,6 +22,7 @@ from lws_lightning.report.tables import (
     comparison_table,
     error_table,
     experiments,
+    mixed_settings,
     run_table,
     skipped_list,
     task_error_table,
@@ -56,6 +57,15 @@ def write_report(paths: Iterable[str | Path], output_dir: str | Path) -> Report:
     report = Report(markdown=output_dir / REPORT_FILE, runs=runs, skipped=skipped)
 
     sections = [_header(paths, runs, skipped)]
+    mixed = mixed_settings(runs)
+    if mixed:
+        for line in mixed:
+            log.warning("The report pools runs with different settings: %s", line)
+        sections.append(
+            "## Mixed settings\n\nSome cells of the tables below average runs whose settings "
+            "differ. Pass the runs of each setting (for example each K of a sweep) to separate "
+            "reports to compare them.\n\n" + "\n".join(f"- {line}" for line in mixed)
+        )
     if runs:
         sections.append(_error_section(runs))
         sections.append(_group_size_section(runs, output_dir, report.figures))

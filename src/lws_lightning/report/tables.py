@@ -22,6 +22,8 @@ SHARING_LABELS = {
     "fixed": "fixed assignment",
 }
 BASELINES = ("full", "none")
+# results.json keys whose values must agree among the runs of one table cell, with labels.
+POOLED_SETTINGS = {"steps": "training steps", "banks_per_layer": "banks per layer"}
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,39 @@ def run_table(runs: Sequence[Run]) -> str:
             _row([f"`{run.path}`", run.experiment, run.sharing, seed, f"{100 * run.error:.2f}"])
         )
     return "\n".join(lines)
+
+
+def mixed_settings(runs: Sequence[Run]) -> list[str]:
+    """Return one line per table cell and setting of :data:`POOLED_SETTINGS` whose runs differ.
+
+    The tables pool every run of an (experiment, sharing mode) cell, so the runs of a sweep
+    over K or over the step count would be averaged together. Each line names the values and
+    how many runs have each.
+    """
+    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        cells[(run.experiment, run.sharing)].append(run)
+    lines = []
+    for (experiment, mode), cell_runs in sorted(cells.items()):
+        for key, label in POOLED_SETTINGS.items():
+            counts: dict[str, int] = defaultdict(int)
+            for run in cell_runs:
+                counts[_setting_text(run.results.get(key))] += 1
+            if len(counts) > 1:
+                values = ", ".join(
+                    f"{value} ({count} run{'' if count == 1 else 's'})"
+                    for value, count in counts.items()
+                )
+                lines.append(f"{experiment}, {_sharing_label(mode)}: {label} differ: {values}")
+    return lines
+
+
+def _setting_text(value: object) -> str:
+    if value is None:
+        return "not recorded"
+    if isinstance(value, list):
+        return "[" + ", ".join(str(item) for item in value) + "]"
+    return str(value)
 
 
 def skipped_list(skipped: Sequence[SkippedRun]) -> str:
