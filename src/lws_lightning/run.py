@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -108,6 +109,19 @@ def _check_trainer(trainer: L.Trainer) -> None:
         )
 
 
+def _save_final_checkpoint(trainer: L.Trainer) -> None:
+    """Write ``last.ckpt`` for the final iteration, where a ModelCheckpoint callback keeps one.
+
+    The callback saves after each evaluation. Without this, a run whose step count is not a
+    multiple of the evaluation interval, or that never evaluates, would leave a checkpoint of
+    an earlier iteration than its results.json, and export would export that one.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            name = f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            trainer.save_checkpoint(Path(callback.dirpath) / name)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test LWS as ``cfg`` specifies, then write results into ``cfg.paths.output_dir``.
 
@@ -144,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.trainer.max_steps,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        _save_final_checkpoint(trainer)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         results = collect_results(module, test_metrics)
         if trainer.is_global_zero:

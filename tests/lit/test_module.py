@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from lws_lightning.data import MnistTrioDataModule
 from lws_lightning.engine import StepConfig, lws_step
@@ -39,18 +41,18 @@ def _module(trio: MnistTrioDataModule, **overrides) -> LWSModule:
 
 
 def _trainer(tmp_path: Path, max_steps: int, **options) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **options,
-    )
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "max_epochs": -1,
+        "limit_val_batches": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return L.Trainer(**{**settings, **options})
 
 
 def _state(module: LWSModule) -> dict[str, torch.Tensor]:
@@ -167,3 +169,48 @@ def test_app_run_writes_outputs(compose_config, tmp_path, sharing):
         assert counts["assignment"] == counts["full_sharing"]
     if sharing == "none":
         assert counts["assignment"] == counts["no_sharing"]
+
+
+def test_checkpoint_after_evaluation_keeps_it(compose_config, trio, tmp_path):
+    """The app's checkpoint callback saves after each evaluation, so the history includes it."""
+    cfg = compose_config("trainer.val_check_interval=2")
+    callback = instantiate(cfg.callbacks.model_checkpoint, dirpath=str(tmp_path / "checkpoints"))
+    trainer = _trainer(
+        tmp_path,
+        4,
+        limit_val_batches=2,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
+    trainer.fit(_module(trio), datamodule=trio)
+
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4
+    assert [entry["step"] for entry in saved["lws_history"]] == [2, 4]
+
+
+def test_resumed_app_run_keeps_history(compose_config, tmp_path):
+    """A run resumed from last.ckpt continues the history; last.ckpt has the final step."""
+    common = (
+        "+model.architecture_options.width=8",
+        "+model.architecture_options.hidden=16",
+        "trainer.val_check_interval=2",
+        "logger=csv",
+        f"data.root={tmp_path}",
+    )
+    cfg = compose_config(*common, "trainer.max_steps=5")
+    first = train(cfg)
+    checkpoint = tmp_path / "step5.ckpt"
+    shutil.copy(Path(cfg.paths.output_dir) / "last.ckpt", checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+
+    resumed = train(compose_config(*common, "trainer.max_steps=6", f"ckpt_path={checkpoint}"))
+
+    assert [entry["step"] for entry in first["history"]] == [2, 4]
+    assert saved["global_step"] == 5
+    assert saved["lws_history"] == first["history"]
+    assert resumed["steps"] == 6
+    assert [entry["step"] for entry in resumed["history"]] == [2, 4, 6]
+    assert resumed["history"][:2] == first["history"]
