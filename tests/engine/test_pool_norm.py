@@ -33,10 +33,13 @@ def reference(x: Tensor, norm: nn.BatchNorm2d, num_groups: int) -> tuple[Tensor,
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("binary", [False, True], ids=["gaussian", "binary_ties"])
-def test_matches_normalize_then_pool(channels_last: bool, affine: bool, binary: bool) -> None:
+@pytest.mark.parametrize("channels", [5, 1])
+def test_matches_normalize_then_pool(
+    channels_last: bool, affine: bool, binary: bool, channels: int
+) -> None:
     """Outputs, statistics and gradients for x, scale and shift agree to float64 rounding."""
     generator = torch.Generator().manual_seed(0)
-    shape = (GROUPS * ROWS, 5, 7, 6)
+    shape = (GROUPS * ROWS, channels, 7, 6)
     if binary:
         # Binary maps make exact ties in almost every window.
         x = torch.randint(2, shape, generator=generator).double()
@@ -44,11 +47,11 @@ def test_matches_normalize_then_pool(channels_last: bool, affine: bool, binary: 
         x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 2
     if channels_last:
         x = to_channels_last(x)
-    norm = nn.BatchNorm2d(5, affine=affine).double()
+    norm = nn.BatchNorm2d(channels, affine=affine).double()
     if affine:
         norm.weight.data.uniform_(0.5, 2.0, generator=generator)
         norm.bias.data.normal_(generator=generator)
-    upstream = torch.randn(GROUPS * ROWS, 5, 3, 3, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(GROUPS * ROWS, channels, 3, 3, generator=generator, dtype=torch.float64)
     pool = nn.MaxPool2d(2)
 
     results = []

@@ -70,7 +70,7 @@ class _GroupBatchNorm(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, _mean: Tensor, _var: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         x, mean, invstd, weight = ctx.saved_tensors
-        grad = _same_layout(grad_out, x)
+        grad = same_layout(grad_out, x)
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1] and weight is not None,
@@ -247,7 +247,7 @@ def _alias_like(grouped_out: Tensor, x: Tensor) -> Tensor:
     )
 
 
-def _same_layout(grad: Tensor, x: Tensor) -> Tensor:
+def same_layout(grad: Tensor, x: Tensor) -> Tensor:
     """Return ``grad`` in ``x``'s memory format, so that both take the same grouped view."""
     if is_channels_last(x):
         return grad if is_channels_last(grad) else to_channels_last(grad)

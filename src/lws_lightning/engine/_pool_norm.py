@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lws_lightning.engine._group_norm import grouped_view
+from lws_lightning.engine._group_norm import grouped_view, same_layout
 
 _aten = torch.ops.aten
 # Pool first only where each group has at least this many elements (4 MiB in float32). On
@@ -127,7 +127,7 @@ class _PooledBatchNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, indices, pooled, mean, invstd, weight = ctx.saved_tensors
         num_groups, kernel = ctx.num_groups, list(ctx.kernel)
-        grad = grad_out.contiguous(memory_format=_memory_format(pooled))
+        grad = same_layout(grad_out, pooled)
         grouped_grad = grouped_view(grad, num_groups)
         dims = tuple(range(2, grouped_grad.dim()))
         count = x.numel() // (num_groups * x.shape[1])
@@ -145,7 +145,8 @@ class _PooledBatchNorm(torch.autograd.Function):
             torch.mul(grouped_grad, _per_group(scale, grouped_grad), out=grouped_routed)
             grad_x = _aten.max_pool2d_with_indices_backward(
                 routed, x, kernel, kernel, [0, 0], [1, 1], False, indices
-            ).contiguous(memory_format=_memory_format(x))
+            )
+            grad_x = same_layout(grad_x, x)
             grouped_x = grouped_view(x, num_groups)
             grouped_grad_x = grouped_view(grad_x, num_groups)
             grouped_grad_x.addcmul_(grouped_x, _per_group(centered_coef, grouped_x))
@@ -158,12 +159,6 @@ class _PooledBatchNorm(torch.autograd.Function):
 def _per_group(values: Tensor, grouped: Tensor) -> Tensor:
     """View ``[groups, C]`` statistics to broadcast over ``grouped`` (from ``grouped_view``)."""
     return values.view(*values.shape, *([1] * (grouped.dim() - 2)))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
