@@ -119,7 +119,9 @@ def _save_final_checkpoint(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             name = f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            trainer.save_checkpoint(Path(callback.dirpath) / name)
+            trainer.save_checkpoint(
+                Path(callback.dirpath) / name, weights_only=callback.save_weights_only
+            )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
