@@ -1,4 +1,4 @@
-"""A run stopped by SIGTERM exits with code 143 and records the failure in status.json."""
+"""A run stopped by SIGTERM exits with code 143, records the failure and leaves a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE
 
 
 def wait_for_iterations(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
-    """Wait until the run has logged metrics of a few iterations, so training is under way."""
+    """Wait until the run has logged a few iterations and written a checkpoint."""
     metrics = run_dir / "csv" / "metrics.csv"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"The run ended early with code {process.returncode}.")
-        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+        logged = metrics.exists() and len(metrics.read_text().splitlines()) > 3
+        if logged and (run_dir / "last.ckpt").exists():
             return
         time.sleep(0.5)
     raise AssertionError(f"No metrics in {metrics} after {timeout} s.")
@@ -30,7 +33,8 @@ def test_sigterm_exits_143(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     (tmp_path / "data").mkdir()
     command = [sys.executable, "-m", "lws_lightning", "trainer.max_steps=100000"]
-    command += ["trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    command += ["trainer.log_every_n_steps=1", "trainer.val_check_interval=4"]
+    command += [f"hydra.run.dir={run_dir}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     log_path = tmp_path / "output.log"
     with log_path.open("wb") as log_file:
@@ -49,3 +53,7 @@ def test_sigterm_exits_143(tmp_path: Path) -> None:
     status = json.loads((run_dir / STATUS_FILE).read_text())
     assert status["status"] == "failed"
     assert status["error"].startswith("SIGTERMException")
+    # The checkpoint of the last evaluation before the signal is there to resume from.
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] % 4 == 0
+    assert checkpoint["lws_history"][-1]["step"] == checkpoint["global_step"]

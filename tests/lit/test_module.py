@@ -171,24 +171,41 @@ def test_app_run_writes_outputs(compose_config, tmp_path, sharing):
         assert counts["assignment"] == counts["no_sharing"]
 
 
-def test_checkpoint_after_evaluation_keeps_it(compose_config, trio, tmp_path):
-    """The app's checkpoint callback saves after each evaluation, so the history includes it."""
+class CheckpointProbe(L.Callback):
+    """Read last.ckpt, if present, before each training step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[tuple[int, int, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.path.is_file():
+            saved = torch.load(self.path, weights_only=False)
+            steps = [entry["step"] for entry in saved["lws_history"]]
+            self.seen.append((trainer.global_step, saved["global_step"], steps))
+
+
+def test_checkpoint_after_each_evaluation(compose_config, trio, tmp_path):
+    """During training, last.ckpt follows each evaluation and its history includes it."""
     cfg = compose_config("trainer.val_check_interval=2")
     callback = instantiate(cfg.callbacks.model_checkpoint, dirpath=str(tmp_path / "checkpoints"))
+    probe = CheckpointProbe(tmp_path / "checkpoints" / "last.ckpt")
     trainer = _trainer(
         tmp_path,
-        4,
+        6,
         limit_val_batches=2,
         val_check_interval=2,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        callbacks=[callback],
+        callbacks=[callback, probe],
     )
     trainer.fit(_module(trio), datamodule=trio)
 
+    # Before steps 3 to 6 (global_step 2 to 5), the file holds the last evaluated step.
+    assert probe.seen == [(2, 2, [2]), (3, 2, [2]), (4, 4, [2, 4]), (5, 4, [2, 4])]
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == 4
-    assert [entry["step"] for entry in saved["lws_history"]] == [2, 4]
+    assert saved["global_step"] == 6
+    assert [entry["step"] for entry in saved["lws_history"]] == [2, 4, 6]
 
 
 def test_resumed_app_run_keeps_history(compose_config, tmp_path):
