@@ -24,10 +24,8 @@ import argparse
 import copy
 import json
 import logging
-import pickle
 import re
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,13 +81,9 @@ def load_lws_checkpoint(path: str | Path) -> LWSModule:
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        ValueError,
-        zipfile.BadZipFile,
-    ) as error:
+    except Exception as error:
+        # torch.load fails on arbitrary bytes in many ways: UnpicklingError, KeyError or
+        # IndexError for text files, OSError (EINVAL) for a truncated checkpoint.
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
             f"{_first_line(error)}). Pass a last.ckpt written by `python -m lws_lightning`."

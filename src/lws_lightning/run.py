@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 
 # Lightning's names of the precisions LWS supports (trainer.precision=32 becomes "32-true").
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+# Model settings that a resumed run must share with its checkpoint: with another value, the
+# results would be reported under settings that did not produce them.
+RESUME_SETTINGS = (
+    "architecture",
+    "architecture_options",
+    "sharing",
+    "num_banks",
+    "task_names",
+    "assignment",
+)
 
 
 def _silence_known_warnings() -> None:
@@ -55,11 +65,30 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> LWSModul
     )
 
 
+def _setting(hparams: Any, key: str) -> Any:
+    """Return hyperparameter ``key`` as plain lists and dicts, with missing options as {}."""
+    value = _plain(hparams.get(key))
+    return {} if key == "architecture_options" and value is None else value
+
+
+def _plain(value: Any) -> Any:
+    """Return ``value`` with OmegaConf containers and tuples as plain dicts and lists."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
 def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
     """Raise :class:`UserInputError` unless ``ckpt_path`` is unset or fits ``module``.
 
-    The checkpoint must be a readable LWS checkpoint whose weights have the names and shapes
-    of ``module``'s, which a run with other model settings does not write.
+    The checkpoint must be a readable LWS checkpoint with ``module``'s settings in
+    :data:`RESUME_SETTINGS` and weights of the same names and shapes. A checkpoint of learned
+    sharing resumed as no sharing, for example, has the same shapes for 3 tasks and K = 3, but
+    would keep its learned assignment under the new mode's name.
     """
     if path is None:
         return
@@ -69,9 +98,23 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
             "earlier run, or drop ckpt_path to start fresh."
         )
     try:
-        saved = load_lws_checkpoint(path).state_dict()
+        checkpoint_module = load_lws_checkpoint(path)
     except UserInputError as error:
         raise UserInputError(f"ckpt_path={path} is invalid: {error}") from None
+    differing = []
+    for key in RESUME_SETTINGS:
+        saved_value = _setting(checkpoint_module.hparams, key)
+        value = _setting(module.hparams, key)
+        if saved_value != value:
+            label = "task names" if key == "task_names" else f"model.{key}"
+            differing.append(f"{label} {saved_value} in the checkpoint, {value} here")
+    if differing:
+        raise UserInputError(
+            f"ckpt_path={path} was written by a run with other model settings: "
+            f"{'; '.join(differing)}. Resume with the model overrides of that run, or drop "
+            "ckpt_path to start fresh."
+        )
+    saved = checkpoint_module.state_dict()
     current = module.state_dict()
     mismatched = sorted(set(saved) ^ set(current))
     mismatched += [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,14 +165,19 @@ def test_invalid_model_or_checkpoint_one_paragraph(tmp_path, override, named):
     assert "Traceback" not in result.stderr
 
 
-def write_checkpoint_of_other_model(path: Path) -> Path:
-    """Save an LWS checkpoint of a DKL ConvNet with width 6, which the test runs do not use."""
+def write_checkpoint_of_other_model(path: Path, **settings: Any) -> Path:
+    """Save an LWS checkpoint of a DKL ConvNet, by default of width 6 (unlike the tiny runs)."""
+    options = {
+        "architecture_options": {"width": 6, "hidden": 8},
+        "task_names": ["fashion", "digits", "optdigits"],
+        **settings,
+    }
     module = LWSModule(
         architecture="dkl_convnet",
         num_classes=[10, 10, 10],
         input_shape=(1, 28, 28),
         num_banks=3,
-        architecture_options={"width": 6, "hidden": 8},
+        **options,
     )
     checkpoint = {
         "state_dict": module.state_dict(),
@@ -182,15 +188,28 @@ def write_checkpoint_of_other_model(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["garbage", "other_model"])
+@pytest.mark.parametrize("kind", ["garbage", "text", "truncated", "other_model", "other_sharing"])
 def test_unusable_checkpoint_one_paragraph(tmp_path, kind):
     path = tmp_path / "last.ckpt"
+    named = "was written by a run with other model settings"
     if kind == "garbage":
         path.write_bytes(b"not a checkpoint")
         named = "is not a readable PyTorch checkpoint"
-    else:
+    elif kind == "text":
+        path.write_text("step,loss\n1,0.5\n" * 20)
+        named = "is not a readable PyTorch checkpoint"
+    elif kind == "truncated":
         write_checkpoint_of_other_model(path)
-        named = "was written by a run with other model settings"
+        path.write_bytes(path.read_bytes()[:1000])
+        named = "is not a readable PyTorch checkpoint"
+    elif kind == "other_model":
+        write_checkpoint_of_other_model(path)
+    else:
+        # Same weight shapes as the tiny run (3 tasks, K = 3), but no sharing.
+        write_checkpoint_of_other_model(
+            path, sharing="none", architecture_options={"width": 4, "hidden": 8}
+        )
+        named = "model.sharing none in the checkpoint, learned here"
     result = _run_tiny_app(f"ckpt_path={path}", tmp_path=tmp_path)
     output = result.stderr + result.stdout
     assert result.returncode == 2
