@@ -225,6 +225,33 @@ def test_report_lists_incomplete_runs(lws_multirun, tmp_path):
     assert_png_drawn(tmp_path / "report" / f"group_sizes_{EXPERIMENT}.png")
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda results: results["history"][0].update(step="two"), "integer step"),
+        (lambda results: results["history"][0].update(step=None), "integer step"),
+        (
+            lambda results: results["test"]["error_per_task"].update(digits="bad"),
+            "test.error_per_task",
+        ),
+    ],
+    ids=["string_step", "null_step", "string_task_error"],
+)
+def test_report_leaves_out_wrong_types(lws_multirun, tmp_path, damage, reason):
+    copy = copy_runs(lws_multirun.sweep_dir, tmp_path / "runs")
+    job = copy / lws_multirun.jobs[("learned", 0)].relative_to(lws_multirun.sweep_dir)
+    results = json.loads((job / "results.json").read_text())
+    damage(results)
+    (job / "results.json").write_text(json.dumps(results))
+
+    report = write_report([copy], tmp_path / "report")
+
+    assert len(report.runs) == 5
+    assert [item.path for item in report.skipped] == [job]
+    assert reason in report.skipped[0].reason
+    assert report.markdown.is_file()
+
+
 def test_report_cli_without_runs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

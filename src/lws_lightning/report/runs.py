@@ -193,10 +193,19 @@ def _check_results(results: dict[str, Any]) -> None:
         )
     history = results["history"]
     if not isinstance(history, list) or any(
-        not isinstance(entry, dict) or "step" not in entry or not _is_number(entry.get("error"))
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("step"), int)
+        or isinstance(entry.get("step"), bool)
+        or not _is_number(entry.get("error"))
         for entry in history
     ):
-        raise IncompleteRunError("history is not a list of {step, error, ...} entries")
+        raise IncompleteRunError(
+            "history is not a list of {step, error, ...} entries with an integer step and a "
+            "numeric error"
+        )
+    per_task = results["test"]["error_per_task"]
+    if not isinstance(per_task, dict) or not all(_is_number(v) for v in per_task.values()):
+        raise IncompleteRunError("test.error_per_task is not a mapping of task names to errors")
     for key in ("assignment", "full_sharing", "no_sharing"):
         if not isinstance(results["weights"][key], int):
             raise IncompleteRunError(f"weights.{key} is not an integer")
