@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Lightning's names of the precisions LWS supports (trainer.precision=32 becomes "32-true").
 SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+_RESUME_HINT = "Resume with the model overrides of that run, or drop ckpt_path to start fresh."
 # Model settings that a resumed run must share with its checkpoint: with another value, the
 # results would be reported under settings that did not produce them.
 RESUME_SETTINGS = (
@@ -111,8 +111,7 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
     if differing:
         raise UserInputError(
             f"ckpt_path={path} was written by a run with other model settings: "
-            f"{'; '.join(differing)}. Resume with the model overrides of that run, or drop "
-            "ckpt_path to start fresh."
+            f"{'; '.join(differing)}. {_RESUME_HINT}"
         )
     saved = checkpoint_module.state_dict()
     current = module.state_dict()
@@ -124,7 +123,7 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
         raise UserInputError(
             f"ckpt_path={path} was written by a run with other model settings: its weights "
             f"differ from this run's in {len(mismatched)} entries, first {mismatched[0]}. "
-            "Resume with the model overrides of that run, or drop ckpt_path to start fresh."
+            f"{_RESUME_HINT}"
         )
 
 
@@ -150,21 +149,6 @@ def _check_trainer(trainer: L.Trainer) -> None:
             "results.json would lose the iteration count and the evaluation history. Use "
             "trainer=ddp, which starts the processes by running the command again."
         )
-
-
-def _save_final_checkpoint(trainer: L.Trainer) -> None:
-    """Write ``last.ckpt`` for the final iteration, where a ModelCheckpoint callback keeps one.
-
-    The callback saves after each evaluation. Without this, a run whose step count is not a
-    multiple of the evaluation interval, or that never evaluates, would leave a checkpoint of
-    an earlier iteration than its results.json, and export would export that one.
-    """
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
-            name = f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            trainer.save_checkpoint(
-                Path(callback.dirpath) / name, weights_only=callback.save_weights_only
-            )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -203,7 +187,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.trainer.max_steps,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        _save_final_checkpoint(trainer)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         results = collect_results(module, test_metrics)
         if trainer.is_global_zero:

@@ -201,7 +201,7 @@ def test_checkpoint_after_each_evaluation(compose_config, trio, tmp_path):
     )
     trainer.fit(_module(trio), datamodule=trio)
 
-    # Before steps 3 to 6 (global_step 2 to 5), the file holds the last evaluated step.
+    # Before steps 3 to 6 (global_step 2 to 5), the file contains the last evaluated step.
     assert probe.seen == [(2, 2, [2]), (3, 2, [2]), (4, 4, [2, 4]), (5, 4, [2, 4])]
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 6

@@ -38,9 +38,9 @@ from lws_lightning.engine._group_norm import grouped_view, same_layout
 
 _aten = torch.ops.aten
 # Pool first only where each group has at least this many elements (4 MiB in float32). On
-# groups that fit in the caches, the extra small operations cost more than the passes saved:
-# with 2**18, the SGD passes of the DKL and routing ConvNets, whose first blocks have groups of
-# [16, 32, 28, 28] and [16, 32, 32, 32], took about 2% and 3% longer (two AMD EPYC cores).
+# groups that fit in the caches, the extra small operations cost more than the passes saved.
+# With 2**18, the SGD passes of the DKL and routing ConvNets (first-block groups of
+# [16, 32, 28, 28] and [16, 32, 32, 32]) took about 2% and 3% longer on two AMD EPYC cores.
 POOLED_MIN_ELEMENTS = 2**20
 
 
