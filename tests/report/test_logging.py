@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import struct
 import time
 from pathlib import Path
@@ -129,6 +131,23 @@ def test_tensorboard_run_per_job(lws_multirun):
             assert scalar in tags["scalars"], f"{key} lacks {scalar}"
         steps = [image.step for image in events.Images(PROBS_KEY)]
         assert steps == [2, 4], key
+        assert [event.step for event in events.Scalars("val/error")] == [2, 4], key
+        assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4], key
+
+
+def test_csv_steps_count_finished_iterations(lws_multirun):
+    """metrics.csv labels each metric by finished iterations, as results.json's history does."""
+    for key, job_dir in lws_multirun.jobs.items():
+        with (job_dir / "csv" / "metrics.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        history = json.loads((job_dir / "results.json").read_text())["history"]
+
+        def steps(metric: str, rows: list[dict[str, str]] = rows) -> list[int]:
+            return [int(row["step"]) for row in rows if row.get(metric)]
+
+        assert steps("val/error") == [entry["step"] for entry in history] == [2, 4], key
+        assert steps("train/loss") == [1, 2, 3, 4], key
+        assert steps("test/error") == [4], key
 
 
 def test_wandb_failed_job_exits_1(compose_config, tmp_path, monkeypatch, lws_multirun):

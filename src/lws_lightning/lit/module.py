@@ -128,6 +128,7 @@ class LWSModule(LightningModule):
                 before_optimizer_step=lambda: average_across_processes(self.net),
             )
         loss = result.loss
+        self._log_step()
         self.log("train/loss", loss, prog_bar=True)
         self._log_entropy()
         if result.nes_losses is not None:
@@ -141,6 +142,14 @@ class LWSModule(LightningModule):
         grad_clip = self.hparams.grad_clip
         if grad_clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=grad_clip)
+
+    def _log_step(self) -> None:
+        """Log the number of finished iterations as the step of this hook's metrics.
+
+        Lightning would otherwise label training metrics by the 0-based batch index: the loss
+        of iteration 1 at step 0 and the evaluation after iteration 2 at step 1.
+        """
+        self.log("step", float(self.global_step), logger=True, prog_bar=False)
 
     def _mean_across_processes(self, values: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(values, reduce_op="mean")
@@ -182,6 +191,7 @@ class LWSModule(LightningModule):
         """Log ``stage/error``, ``stage/error_task_mean`` and ``stage/error/<task name>``."""
         values = metrics.compute()
         metrics.reset()
+        self._log_step()
         logged: dict[str, float] = {}
         for key, value in values.items():
             if key.startswith("task_"):
