@@ -72,13 +72,12 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
         else:
             results = train(cfg)
     except BaseException as error:
-        write_status(hydra_config, "failed", started, error)
         if isinstance(error, SIGTERMException):
-            log.error(
-                "The run stopped on SIGTERM. Resume it with ckpt_path=<its last.ckpt> if a "
-                "checkpoint was written."
-            )
+            message = _sigterm_message(Path(cfg.paths.output_dir))
+            write_status(hydra_config, "failed", started, error, message)
+            log.error("%s", message)
             sys.exit(SIGTERM_EXIT_CODE)
+        write_status(hydra_config, "failed", started, error)
         if isinstance(error, UserInputError):
             log.error("%s", error)
             if in_sweep:
@@ -166,9 +165,15 @@ def _config_flags(arguments: list[str]) -> list[str]:
 
 
 def write_status(
-    hydra_config: DictConfig, status: str, started: float, error: BaseException | None = None
+    hydra_config: DictConfig,
+    status: str,
+    started: float,
+    error: BaseException | None = None,
+    message: str | None = None,
 ) -> Path | None:
     """Write ``status.json`` into the job's output folder; only global rank 0 writes.
+
+    The error entry is the exception's type and ``message``, by default the exception's text.
 
     Returns:
         The path written, or None on other ranks.
@@ -190,12 +195,22 @@ def write_status(
         "duration_s": round(time.time() - started, 3),
     }
     if error is not None:
-        record["error"] = f"{type(error).__name__}: {error}"
+        record["error"] = f"{type(error).__name__}: {message or error}"
         record["traceback"] = "".join(traceback.format_exception(error))
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / STATUS_FILE
     path.write_text(json.dumps(record, indent=2))
     return path
+
+
+def _sigterm_message(output_dir: Path) -> str:
+    """Describe a stop on SIGTERM and how to resume, naming the checkpoint if there is one."""
+    checkpoint = output_dir / "last.ckpt"
+    if checkpoint.is_file():
+        resume = f"Resume it with ckpt_path={checkpoint} and the same overrides."
+    else:
+        resume = "It wrote no last.ckpt to resume from, so start it again."
+    return f"The run stopped on SIGTERM. {resume}"
 
 
 def _timestamp(seconds: float) -> str:

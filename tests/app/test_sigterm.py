@@ -49,10 +49,11 @@ def test_sigterm_exits_143(tmp_path: Path) -> None:
             process.kill()
 
     assert process.returncode == SIGTERM_EXIT_CODE
-    assert "stopped on SIGTERM" in log_path.read_text()
+    resume_hint = f"Resume it with ckpt_path={run_dir / 'last.ckpt'} and the same overrides."
+    assert f"The run stopped on SIGTERM. {resume_hint}" in log_path.read_text()
     status = json.loads((run_dir / STATUS_FILE).read_text())
     assert status["status"] == "failed"
-    assert status["error"].startswith("SIGTERMException")
+    assert status["error"] == f"SIGTERMException: The run stopped on SIGTERM. {resume_hint}"
     # The checkpoint of the last evaluation before the signal is there to resume from.
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] % 4 == 0
