@@ -71,6 +71,15 @@ def load_lws_checkpoint(path: str | Path) -> LWSModule:
     """Load an ``LWSModule`` from a Lightning checkpoint on the CPU, in eval mode.
 
     Raises:
+        CheckpointError: As :func:`read_lws_checkpoint` and :func:`module_from_checkpoint` do.
+    """
+    return module_from_checkpoint(read_lws_checkpoint(path), path)
+
+
+def read_lws_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU and check that ``LWSModule`` wrote it.
+
+    Raises:
         CheckpointError: The file is missing, is not a PyTorch checkpoint, or lacks what
             ``LWSModule`` writes (its hyperparameters, weights and sampler state).
     """
@@ -102,8 +111,16 @@ def load_lws_checkpoint(path: str | Path) -> LWSModule:
             f"{path} is not an LWS checkpoint: it has no {', '.join(missing)}. Pass a "
             "last.ckpt written by `python -m lws_lightning`."
         )
+    return checkpoint
 
-    module = LWSModule(**hparams)
+
+def module_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> LWSModule:
+    """Build an ``LWSModule`` in eval mode from a checkpoint that :func:`read_lws_checkpoint` read.
+
+    Raises:
+        CheckpointError: The weights do not fit the net that the hyperparameters describe.
+    """
+    module = LWSModule(**checkpoint["hyper_parameters"])
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

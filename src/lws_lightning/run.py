@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
-from lws_lightning.export import load_lws_checkpoint
+from lws_lightning.export import module_from_checkpoint, read_lws_checkpoint
 from lws_lightning.lit.loggers import finish_wandb_runs
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
@@ -82,8 +82,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
+def _check_checkpoint_path(path: str | None, module: LWSModule) -> int | None:
     """Raise :class:`UserInputError` unless ``ckpt_path`` is unset or fits ``module``.
+
+    Returns:
+        The number of iterations the checkpoint finished, or None without ``ckpt_path``.
 
     The checkpoint must be a readable LWS checkpoint with ``module``'s settings in
     :data:`RESUME_SETTINGS` and weights of the same names and shapes. A checkpoint of learned
@@ -91,14 +94,15 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
     would keep its learned assignment under the new mode's name.
     """
     if path is None:
-        return
+        return None
     if not Path(path).is_file():
         raise UserInputError(
             f"ckpt_path={path} is not a file. Give the path of a last.ckpt written by an "
             "earlier run, or drop ckpt_path to start fresh."
         )
     try:
-        checkpoint_module = load_lws_checkpoint(path)
+        checkpoint = read_lws_checkpoint(path)
+        checkpoint_module = module_from_checkpoint(checkpoint, path)
     except UserInputError as error:
         raise UserInputError(f"ckpt_path={path} is invalid: {error}") from None
     differing = []
@@ -124,6 +128,21 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> None:
             f"ckpt_path={path} was written by a run with other model settings: its weights "
             f"differ from this run's in {len(mismatched)} entries, first {mismatched[0]}. "
             f"{_RESUME_HINT}"
+        )
+    return int(checkpoint.get("global_step", 0))
+
+
+def _warn_if_nothing_to_train(path: str, checkpoint_step: int, max_steps: int) -> None:
+    """Log a warning when a resumed checkpoint has already reached ``trainer.max_steps``."""
+    if 0 <= max_steps <= checkpoint_step:
+        log.warning(
+            "ckpt_path=%s finished %d iterations, and trainer.max_steps=%d is not above that, "
+            "so this run trains no further and only tests the checkpoint. Set "
+            "trainer.max_steps above %d to train on.",
+            path,
+            checkpoint_step,
+            max_steps,
+            checkpoint_step,
         )
 
 
@@ -171,7 +190,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule)
     except (ValueError, TypeError) as error:
         raise UserInputError(f"The model config is invalid: {error}") from None
-    _check_checkpoint_path(cfg.get("ckpt_path"), module)
+    checkpoint_step = _check_checkpoint_path(cfg.get("ckpt_path"), module)
+    if checkpoint_step is not None:
+        _warn_if_nothing_to_train(cfg.ckpt_path, checkpoint_step, int(cfg.trainer.max_steps))
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -231,3 +232,29 @@ def test_resumed_app_run_keeps_history(compose_config, tmp_path):
     assert resumed["steps"] == 6
     assert [entry["step"] for entry in resumed["history"]] == [2, 4, 6]
     assert resumed["history"][:2] == first["history"]
+
+
+def test_resume_past_max_steps_warns(compose_config, tmp_path, caplog):
+    """Resuming a checkpoint at or past trainer.max_steps warns that nothing trains."""
+    common = (
+        "+model.architecture_options.width=8",
+        "+model.architecture_options.hidden=16",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        f"data.root={tmp_path}",
+    )
+    cfg = compose_config(*common, "trainer.max_steps=4")
+    train(cfg)
+    checkpoint = tmp_path / "step4.ckpt"
+    shutil.copy(Path(cfg.paths.output_dir) / "last.ckpt", checkpoint)
+
+    with caplog.at_level(logging.WARNING, logger="lws_lightning.run"):
+        resumed = train(compose_config(*common, "trainer.max_steps=3", f"ckpt_path={checkpoint}"))
+
+    assert resumed["steps"] == 4
+    assert [entry["step"] for entry in resumed["history"]] == [2, 4]
+    expected = (
+        f"ckpt_path={checkpoint} finished 4 iterations, and trainer.max_steps=3 is not above "
+        "that, so this run trains no further"
+    )
+    assert expected in caplog.text
