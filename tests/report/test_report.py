@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.image import imread
 
 from lws_lightning.report.assignment import figure_to_png, plot_probs
 from lws_lightning.report.build import REPORT_FILE, write_report
 from lws_lightning.report.figures import entropy_figure, entropy_series, group_size_shares
-from lws_lightning.report.runs import Run, collect_runs
+from lws_lightning.report.runs import Run, collect_runs, run_settings
 from lws_lightning.report.tables import compare_learned, error_table, mixed_settings
 
 EXPERIMENT = "mnist_trio_convnet"
@@ -155,31 +156,123 @@ def test_report_flags_pooled_runs_with_different_steps(lws_multirun, tmp_path, c
     assert any(expected in record.getMessage() for record in caplog.records)
 
 
-def make_settings_run(sharing: str, steps: int, banks: list[int] | None) -> Run:
+def make_settings_run(
+    sharing: str,
+    steps: int,
+    banks: list[int] | None,
+    seed: int,
+    settings: dict[str, str] | None = None,
+) -> Run:
     results = {"test": {"error": 0.1}, "steps": steps}
     if banks is not None:
         results["banks_per_layer"] = banks
-    return Run(Path(f"/runs/{sharing}/{steps}"), "exp", sharing, 0, results)
+    path = Path(f"/runs/{sharing}/{steps}/{seed}")
+    return Run(path, "exp", sharing, seed, results, settings or {})
 
 
 def test_mixed_settings_per_cell():
-    same = [make_settings_run("learned", 100, [4, 4]), make_settings_run("learned", 100, [4, 4])]
+    same = [
+        make_settings_run("learned", 100, [4, 4], seed=0),
+        make_settings_run("learned", 100, [4, 4], seed=1),
+    ]
     assert mixed_settings(same) == []
-    steps = [make_settings_run("none", 100, [3]), make_settings_run("none", 50, [3])] * 2
+    steps = [make_settings_run("none", 100, [3], seed) for seed in (0, 1)]
+    steps += [make_settings_run("none", 50, [3], seed) for seed in (0, 1)]
     expected = "exp, no sharing: training steps differ: 100 (2 runs), 50 (2 runs)"
     assert mixed_settings(steps) == [expected]
     # Different settings in different cells are fine.
-    cells = [make_settings_run("learned", 100, [4, 4]), make_settings_run("full", 50, [1, 1])]
+    cells = [
+        make_settings_run("learned", 100, [4, 4], seed=0),
+        make_settings_run("full", 50, [1, 1], seed=0),
+    ]
     assert mixed_settings(cells) == []
     swept = [
-        make_settings_run("learned", 100, [2, 2]),
-        make_settings_run("learned", 100, [8, 8]),
-        make_settings_run("learned", 100, None),
+        make_settings_run("learned", 100, [2, 2], seed=0),
+        make_settings_run("learned", 100, [8, 8], seed=0),
+        make_settings_run("learned", 100, None, seed=0),
     ]
     assert mixed_settings(swept) == [
         "exp, learned sharing: banks per layer differ: "
         "[2, 2] (1 run), [8, 8] (1 run), not recorded (1 run)"
     ]
+
+
+def test_mixed_settings_config_keys():
+    runs = [
+        make_settings_run("learned", 100, [3], seed=0, settings={"model.nes_lr": "0.01"}),
+        make_settings_run("learned", 100, [3], seed=1, settings={"model.nes_lr": "0.1"}),
+        make_settings_run("learned", 100, [3], seed=2, settings={}),
+    ]
+    assert mixed_settings(runs) == [
+        "exp, learned sharing: model.nes_lr differ: 0.01 (1 run), 0.1 (1 run), unset (1 run)"
+    ]
+
+
+def test_mixed_settings_repeated_seeds():
+    repeated = [make_settings_run("learned", 100, [3], seed=0) for _ in range(3)]
+    repeated.append(make_settings_run("learned", 100, [3], seed=1))
+    assert mixed_settings(repeated) == [
+        "exp, learned sharing: seed 0 is in 3 runs with the same settings, which repeat one "
+        "run rather than add independent samples"
+    ]
+    # One seed per K of a sweep is not a repeat: only the differing K is reported.
+    swept = [
+        make_settings_run("learned", 100, [2], seed=0),
+        make_settings_run("learned", 100, [5], seed=0),
+    ]
+    assert mixed_settings(swept) == [
+        "exp, learned sharing: banks per layer differ: [2] (1 run), [5] (1 run)"
+    ]
+
+
+def test_run_settings_flatten_config():
+    config = {
+        "seed": 3,
+        "model": {
+            "architecture": "dkl_convnet",
+            "architecture_options": {"width": 8},
+            "sharing": "learned",
+            "num_banks": 3,
+            "nes_lr": 0.01,
+            "engine": "batched",
+            "assignment": None,
+        },
+        "data": {"root": "/data", "batch_size": 16, "num_workers": 4, "seed": "${seed}"},
+        "trainer": {"precision": "bf16-mixed", "accelerator": "gpu"},
+    }
+    assert run_settings(config) == {
+        "model.architecture": "dkl_convnet",
+        "model.architecture_options.width": "8",
+        "model.nes_lr": "0.01",
+        "model.assignment": "null",
+        "data.batch_size": "16",
+        "data.seed": "${seed}",
+        "trainer.precision": "bf16-mixed",
+    }
+
+
+def test_report_flags_pooled_architecture_options(lws_multirun, tmp_path):
+    copy = copy_runs(lws_multirun.sweep_dir, tmp_path / "runs")
+    job = copy / lws_multirun.jobs[("none", 0)].relative_to(lws_multirun.sweep_dir)
+    config_path = job / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["architecture_options"] = {"width": 8}
+    config_path.write_text(yaml.safe_dump(config))
+
+    report = write_report([copy], tmp_path / "report")
+
+    markdown = report.markdown.read_text()
+    section = markdown.split("## Mixed settings", 1)[1].split("\n## ", 1)[0]
+    expected = (
+        f"- {EXPERIMENT}, no sharing: model.architecture_options.width differ: "
+        "8 (1 run), unset (1 run)"
+    )
+    assert section.strip().endswith(expected)
+    assert "learned sharing" not in section
+    runs = table_rows(markdown, "## Runs")
+    assert runs[0][4:6] == ["banks per layer", "steps"]
+    assert {row[4] for row in runs[2:]} == {"[1, 1, 1, 1]", "[3, 3, 3, 3]"}
+    assert {row[5] for row in runs[2:]} == {"4"}
 
 
 def test_report_lists_incomplete_runs(lws_multirun, tmp_path):
@@ -329,7 +422,7 @@ def test_run_figures_drawn(lws_multirun, tmp_path):
     series, source = entropy_series(run_dir)
     assert source == run_dir / "csv" / "metrics.csv"
     assert sorted(series) == ["routing/entropy", *(f"routing/entropy/layer_{i}" for i in range(4))]
-    assert [step for step, _ in series["routing/entropy/layer_0"]] == [0, 1, 2, 3]
+    assert [step for step, _ in series["routing/entropy/layer_0"]] == [1, 2, 3, 4]
     entropy_path = tmp_path / "entropy.png"
     entropy_path.write_bytes(figure_to_png(entropy_figure(series)))
     assert_png_drawn(entropy_path)

@@ -60,11 +60,13 @@ def write_report(paths: Iterable[str | Path], output_dir: str | Path) -> Report:
     mixed = mixed_settings(runs)
     if mixed:
         for line in mixed:
-            log.warning("The report pools runs with different settings: %s", line)
+            log.warning("The report pools runs that may not belong together: %s", line)
         sections.append(
             "## Mixed settings\n\nSome cells of the tables below average runs whose settings "
-            "differ. Pass the runs of each setting (for example each K of a sweep) to separate "
-            "reports to compare them.\n\n" + "\n".join(f"- {line}" for line in mixed)
+            "differ, or count one seed's run several times. Pass the runs of each setting (for "
+            "example each K of a sweep) to separate reports to compare them, and leave out "
+            "repeated runs, which make the standard deviations and p-values look more certain "
+            "than they are.\n\n" + "\n".join(f"- {line}" for line in mixed)
         )
     if runs:
         sections.append(_error_section(runs))

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,27 @@ HYDRA_RUNTIME = Path(".hydra") / "hydra.yaml"
 # Folders inside a run that hold logger output, never further runs.
 _SKIPPED_FOLDERS = {"wandb", "csv", "tensorboard", "checkpoints", "__pycache__"}
 
+# Config sections whose values define what a run computes, so the runs of one table cell
+# should agree on them. Runs that differ only in the keys of IGNORED_SETTINGS compute the same
+# quantities: the engine, where the data lies and how it is loaded, and the evaluation batch
+# size change speed, not results. model.sharing names the cell itself.
+COMPARED_SECTIONS = ("model", "data")
+COMPARED_KEYS = ("trainer.precision",)
+IGNORED_SETTINGS = frozenset(
+    {
+        "model.sharing",
+        "model.engine",
+        # results.json records K per layer as banks_per_layer, which the report compares.
+        "model.num_banks",
+        "data.root",
+        "data.download",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.eval_batch_size",
+        "data.fashion_source",
+    }
+)
+
 
 class IncompleteRunError(ValueError):
     """A run folder lacks a file or key that the report needs."""
@@ -46,6 +67,8 @@ class Run:
     sharing: str
     seed: int | None
     results: dict[str, Any]
+    # Flattened config values that define the run (see COMPARED_SECTIONS), as text.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def error(self) -> float:
@@ -141,7 +164,40 @@ def load_run(folder: Path) -> Run:
         sharing=sharing,
         seed=seed if isinstance(seed, int) else None,
         results=results,
+        settings=run_settings(config),
     )
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, str]:
+    """Flatten the config values that define what a run computes into ``{"a.b": text}``.
+
+    Nested mappings such as ``model.architecture_options`` flatten to one key per leaf, and
+    an empty mapping adds no key, so ``{}`` and ``{width: 8}`` differ in the key
+    ``model.architecture_options.width``.
+    """
+    settings: dict[str, str] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if prefix in IGNORED_SETTINGS:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{prefix}.{key}", item)
+        elif isinstance(value, str):
+            settings[prefix] = value
+        else:
+            settings[prefix] = json.dumps(value, sort_keys=True)
+
+    for section in COMPARED_SECTIONS:
+        if isinstance(config.get(section), dict):
+            add(section, config[section])
+    for dotted in COMPARED_KEYS:
+        value: Any = config
+        for key in dotted.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            add(dotted, value)
+    return settings
 
 
 def _missing_results_reason(folder: Path) -> str:

@@ -193,39 +193,79 @@ def task_error_table(runs: Sequence[Run]) -> str:
 
 
 def run_table(runs: Sequence[Run]) -> str:
-    """List the runs, one row each: folder, experiment, sharing mode, seed and test error."""
-    lines = [_row(["run", "experiment", "sharing", "seed", "test error (%)"]), _row(["---"] * 5)]
+    """List the runs, one row each.
+
+    The columns are the folder, experiment, sharing mode, seed, banks per layer, training
+    steps and test error.
+    """
+    header = ["run", "experiment", "sharing", "seed", "banks per layer", "steps", "test error (%)"]
+    lines = [_row(header), _row(["---"] * len(header))]
     for run in runs:
         seed = "—" if run.seed is None else str(run.seed)
-        lines.append(
-            _row([f"`{run.path}`", run.experiment, run.sharing, seed, f"{100 * run.error:.2f}"])
-        )
+        banks = _setting_text(run.results.get("banks_per_layer"))
+        steps = _setting_text(run.results.get("steps"))
+        error = f"{100 * run.error:.2f}"
+        cells = [f"`{run.path}`", run.experiment, run.sharing, seed, banks, steps, error]
+        lines.append(_row(cells))
     return "\n".join(lines)
 
 
 def mixed_settings(runs: Sequence[Run]) -> list[str]:
-    """Return one line per table cell and setting of :data:`POOLED_SETTINGS` whose runs differ.
+    """Return one line per table cell and setting whose runs differ, and per repeated seed.
 
     The tables pool every run of an (experiment, sharing mode) cell, so the runs of a sweep
-    over K or over the step count would be averaged together. Each line names the values and
-    how many runs have each.
+    over K, the NES learning rate or the step count would be averaged together. Each line
+    names the setting (:data:`POOLED_SETTINGS` from results.json, then the config keys of
+    ``Run.settings``), its values and how many runs have each. Runs with the same settings
+    and the same seed are repeats, not independent samples, and get a line per seed.
     """
     cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         cells[(run.experiment, run.sharing)].append(run)
     lines = []
     for (experiment, mode), cell_runs in sorted(cells.items()):
-        for key, label in POOLED_SETTINGS.items():
+        prefix = f"{experiment}, {_sharing_label(mode)}"
+        columns = _pooled_values(cell_runs)
+        for label, values in columns.items():
             counts: dict[str, int] = defaultdict(int)
-            for run in cell_runs:
-                counts[_setting_text(run.results.get(key))] += 1
+            for value in values:
+                counts[value] += 1
             if len(counts) > 1:
-                values = ", ".join(
-                    f"{value} ({count} run{'' if count == 1 else 's'})"
-                    for value, count in counts.items()
-                )
-                lines.append(f"{experiment}, {_sharing_label(mode)}: {label} differ: {values}")
+                lines.append(f"{prefix}: {label} differ: {_counts_text(counts)}")
+
+        # Count the runs per seed and full set of settings.
+        signatures: dict[tuple[int, tuple[str, ...]], int] = defaultdict(int)
+        for index, run in enumerate(cell_runs):
+            if run.seed is not None:
+                signatures[(run.seed, tuple(values[index] for values in columns.values()))] += 1
+        repeated: dict[int, int] = {}
+        for (seed, _), count in signatures.items():
+            if count > 1:
+                repeated[seed] = max(repeated.get(seed, 0), count)
+        for seed, count in sorted(repeated.items()):
+            lines.append(
+                f"{prefix}: seed {seed} is in {count} runs with the same settings, which "
+                "repeat one run rather than add independent samples"
+            )
     return lines
+
+
+def _pooled_values(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Return each setting's value per run, in run order, labelled as the report shows them."""
+    values = {
+        label: [_setting_text(run.results.get(key)) for run in runs]
+        for key, label in POOLED_SETTINGS.items()
+    }
+    keys = sorted({key for run in runs for key in run.settings})
+    for key in keys:
+        values[key] = [run.settings.get(key, "unset") for run in runs]
+    return values
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(
+        f"{value} ({count} run{'' if count == 1 else 's'})" for value, count in counts.items()
+    )
 
 
 def _setting_text(value: object) -> str:
