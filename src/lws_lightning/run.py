@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
 from lws_lightning.export import module_from_checkpoint, read_lws_checkpoint
-from lws_lightning.lit.loggers import finish_wandb_runs
+from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, finish_wandb_runs, resume_wandb_run
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
 
@@ -82,11 +83,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_checkpoint_path(path: str | None, module: LWSModule) -> int | None:
+@dataclass(frozen=True)
+class ResumedCheckpoint:
+    """The checkpoint state a run resumed with ``ckpt_path`` needs besides the weights."""
+
+    step: int
+    wandb_run_id: str | None
+
+
+def _check_checkpoint_path(path: str | None, module: LWSModule) -> ResumedCheckpoint | None:
     """Raise :class:`UserInputError` unless ``ckpt_path`` is unset or fits ``module``.
 
     Returns:
-        The number of iterations the checkpoint finished, or None without ``ckpt_path``.
+        The checkpoint's iteration count and W&B run id, or None without ``ckpt_path``.
 
     The checkpoint must be a readable LWS checkpoint with ``module``'s settings in
     :data:`RESUME_SETTINGS` and weights of the same names and shapes. A checkpoint of learned
@@ -129,7 +138,11 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> int | None:
             f"differ from this run's in {len(mismatched)} entries, first {mismatched[0]}. "
             f"{_RESUME_HINT}"
         )
-    return int(checkpoint.get("global_step", 0))
+    run_id = checkpoint.get(WANDB_RUN_ID_KEY)
+    return ResumedCheckpoint(
+        step=int(checkpoint.get("global_step", 0)),
+        wandb_run_id=run_id if isinstance(run_id, str) else None,
+    )
 
 
 def _warn_if_nothing_to_train(path: str, checkpoint_step: int, max_steps: int) -> None:
@@ -190,9 +203,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule)
     except (ValueError, TypeError) as error:
         raise UserInputError(f"The model config is invalid: {error}") from None
-    checkpoint_step = _check_checkpoint_path(cfg.get("ckpt_path"), module)
-    if checkpoint_step is not None:
-        _warn_if_nothing_to_train(cfg.ckpt_path, checkpoint_step, int(cfg.trainer.max_steps))
+    resumed = _check_checkpoint_path(cfg.get("ckpt_path"), module)
+    if resumed is not None:
+        _warn_if_nothing_to_train(cfg.ckpt_path, resumed.step, int(cfg.trainer.max_steps))
+        if resumed.wandb_run_id and resume_wandb_run(cfg.get("logger"), resumed.wandb_run_id):
+            log.info("Continuing W&B run %s of the checkpoint", resumed.wandb_run_id)
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lws_lightning.lit.callbacks import ASSIGNMENT_KEY, PROBS_KEY, RoutingFigureLogger
-from lws_lightning.lit.loggers import run_name
+from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, resume_wandb_run, run_name
 from lws_lightning.lit.module import LWSModule
 
 TASKS = ("fashion", "digits", "optdigits")
@@ -190,6 +190,57 @@ def test_wandb_failed_job_exits_1(compose_config, tmp_path, monkeypatch, lws_mul
         summary = wandb_run_summary(Path(cfg.paths.output_dir))
     assert summary["exit_code"] == 1
     assert "test/error" in summary["keys"]
+
+
+def test_resumed_run_continues_wandb_run(compose_config, tmp_path, monkeypatch, lws_multirun):
+    """A run resumed from last.ckpt logs into the W&B run whose id the checkpoint stores."""
+    from lws_lightning.run import train
+
+    for name, value in lws_multirun.wandb_env.items():
+        monkeypatch.setenv(name, value)
+    common = (
+        "debug=smoke",
+        "logger=wandb",
+        f"paths.data_dir={lws_multirun.data_dir}",
+        "data.download=false",
+        "data.eval_batch_size=64",
+        "trainer.val_check_interval=1",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "model.nes_samples=2",
+        "model.sgd_samples=1",
+        "callbacks.progress_bar.refresh_rate=0",
+    )
+    first_cfg = compose_config(*common, "trainer.max_steps=1")
+    train(first_cfg)
+    first_dir = Path(first_cfg.paths.output_dir)
+    checkpoint = torch.load(first_dir / "last.ckpt", weights_only=False)
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_cfg = compose_config(
+        *common,
+        "trainer.max_steps=2",
+        f"ckpt_path={first_dir / 'last.ckpt'}",
+        f"paths.output_dir={resumed_dir}",
+    )
+    train(resumed_cfg)
+
+    first = wandb_run_summary(first_dir)
+    resumed = wandb_run_summary(resumed_dir)
+    assert checkpoint[WANDB_RUN_ID_KEY] == first["id"]
+    assert resumed["id"] == first["id"]
+    assert "val/error" in resumed["keys"]
+
+
+def test_explicit_wandb_id_wins_over_checkpoint(compose_config):
+    """resume_wandb_run leaves a W&B node alone when the user set its id."""
+    cfg = compose_config("logger=[csv,wandb]", "logger.wandb.id=chosen")
+    assert not resume_wandb_run(cfg.logger, "from-checkpoint")
+    assert cfg.logger.wandb.id == "chosen"
+    cfg = compose_config("logger=[csv,wandb]")
+    assert resume_wandb_run(cfg.logger, "from-checkpoint")
+    assert cfg.logger.wandb.id == "from-checkpoint"
+    assert "id" not in cfg.logger.csv
 
 
 def test_run_name_excludes_seed_and_paths():

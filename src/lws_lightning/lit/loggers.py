@@ -13,8 +13,18 @@ from fnmatch import fnmatch
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
+
+# Checkpoint key of the W&B run id, so that a resumed run logs into the same W&B run.
+WANDB_RUN_ID_KEY = "wandb_run_id"
+# Targets of logger config nodes that build a WandbLogger.
+_WANDB_TARGETS = (
+    "lws_lightning.lit.loggers.build_wandb_logger",
+    "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.wandb.WandbLogger",
+)
 
 # Override keys left out of run names: the seed, so that the seeds of one setting share a name,
 # the experiment name, which is the run's group, and keys that only set where files go or how
@@ -93,3 +103,30 @@ def finish_wandb_runs(loggers: Iterable[Logger], succeeded: bool) -> None:
     exit_code = 0 if succeeded else 1
     log.info("Finishing W&B run %s with exit code %d", wandb.run.id, exit_code)
     wandb.run.finish(exit_code=exit_code)
+
+
+def wandb_run_id(loggers: Iterable[Logger]) -> str | None:
+    """Return the run id of the first ``WandbLogger`` in ``loggers``, or None.
+
+    Reads the id without starting a W&B run when none has started yet.
+    """
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.version
+    return None
+
+
+def resume_wandb_run(logger_config: DictConfig | None, run_id: str) -> bool:
+    """Set ``id`` to ``run_id`` in each W&B node of ``logger_config`` that sets no id itself.
+
+    ``WandbLogger`` starts its run with ``resume="allow"``, so the run continues the W&B run
+    with that id. Returns whether a node was changed.
+    """
+    changed = False
+    for node in (logger_config or {}).values():
+        is_wandb = isinstance(node, DictConfig) and node.get("_target_") in _WANDB_TARGETS
+        if is_wandb and node.get("id") is None:
+            with open_dict(node):
+                node.id = run_id
+            changed = True
+    return changed

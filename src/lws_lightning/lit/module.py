@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lws_lightning.engine import StepConfig, build_engine, lws_step
 from lws_lightning.lit.distributed import average_across_processes, reducer_paused
+from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, wandb_run_id
 from lws_lightning.lit.metrics import TaskErrors
 from lws_lightning.nets import build_net
 from lws_lightning.sharing import SharingMode, bank_count, build_distribution
@@ -213,6 +214,9 @@ class LWSModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[GENERATOR_STATE_KEY] = self.generator.get_state()
         checkpoint["lws_history"] = list(self.history)
+        run_id = wandb_run_id(self.trainer.loggers) if self._trainer is not None else None
+        if run_id is not None:
+            checkpoint[WANDB_RUN_ID_KEY] = run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if GENERATOR_STATE_KEY not in checkpoint:
