@@ -13,7 +13,7 @@ from torch import nn
 
 from lws_lightning.engine import _layer_weights
 from lws_lightning.engine._group_norm import GroupedBatchNorm, to_channels_last
-from lws_lightning.engine._layer_weights import _folding_pays, prepared_layers
+from lws_lightning.engine._layer_weights import PatchMoments, _folding_pays, prepared_layers
 
 
 def with_running_stats(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -236,9 +236,51 @@ def test_batch_fold_thresholds() -> None:
         x = torch.randn(shape[0], channels, *shape[1:])
         with torch.no_grad(), norm.patch(net), prepared_layers(net, False, norm):
             norm.groups = [[0]]
-            state = _layer_weights._FoldState(net[1], norm)
+            state = _layer_weights._FoldState(net[1], norm, PatchMoments())
             assert _layer_weights._moments_pay(net[0], x, state) == expected
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert not _layer_weights._moments_pay(net[0], x, state)
             assert not _layer_weights._moments_pay(net[0], x.half(), state)
         assert "forward" not in vars(net[1])
+
+
+def test_patch_moments_once_per_distinct_group() -> None:
+    """Repeated groups reuse their moments, and the values equal a fresh computation."""
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(1, 8, 3, padding=1)
+    first, second = (torch.randn(4, 1, 9, 9, generator=generator) for _ in range(2))
+    moments = PatchMoments()
+
+    mean, covariance = moments(conv, torch.cat([first, second, first]), 3, torch.float64)
+    assert moments.computed_groups == 2
+    mean_again, covariance_again = moments(conv, torch.cat([second, first]), 2, torch.float64)
+    assert moments.computed_groups == 2
+
+    expected_mean, expected_covariance = _layer_weights._patch_moments(
+        conv, torch.cat([first, second, first]), 3, torch.float64
+    )
+    torch.testing.assert_close(mean, expected_mean, rtol=0, atol=0)
+    torch.testing.assert_close(covariance, expected_covariance, rtol=0, atol=0)
+    torch.testing.assert_close(mean_again, expected_mean[[1, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(covariance_again, expected_covariance[[1, 0]], rtol=0, atol=0)
+
+
+def test_patch_moments_match_content_and_geometry() -> None:
+    """Equal sums, another kernel geometry or inputs with gradients compute anew."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 1, 9, 9, generator=generator)
+    # The same values in another order: the sum matches, the patches do not.
+    mirrored = images.flip(-1)
+    padded, unpadded = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=0)
+    moments = PatchMoments()
+
+    moments(padded, images, 1, torch.float64)
+    mirrored_mean, _ = moments(padded, mirrored, 1, torch.float64)
+    assert moments.computed_groups == 2
+    expected_mean, _ = _layer_weights._patch_moments(padded, mirrored, 1, torch.float64)
+    torch.testing.assert_close(mirrored_mean, expected_mean, rtol=0, atol=0)
+
+    moments(unpadded, images, 1, torch.float64)
+    assert moments.computed_groups == 3
+    moments(padded, images.clone().requires_grad_(), 1, torch.float64)
+    assert moments.computed_groups == 4

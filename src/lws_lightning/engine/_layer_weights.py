@@ -58,7 +58,10 @@ PATCH_MOMENTS_MIN_ELEMENTS = 2**21
 
 @contextmanager
 def prepared_layers(
-    net: nn.Module, fold: bool, norm: GroupedBatchNorm | None = None
+    net: nn.Module,
+    fold: bool,
+    norm: GroupedBatchNorm | None = None,
+    moments: PatchMoments | None = None,
 ) -> Iterator[None]:
     """Patch the layers of ``net`` to prepare their weights once inside the context.
 
@@ -74,6 +77,8 @@ def prepared_layers(
       with batch statistics folds into an ``nn.Conv2d`` with few inputs per output value, with
       each group's statistics from its patch moments. The statistics go to ``norm`` for the
       running-statistics update. Calls under autocast or in low precision run unfolded.
+      ``moments`` computes the patch moments of each distinct input group once; pass one
+      instance to several contexts of a pass to share it, or None for one per context.
 
     Prepared weights depend on the parameters at first use, so leave the context before an
     optimizer step changes them. Enter it inside ``norm.patch``, whose batch-norm forward it
@@ -85,8 +90,9 @@ def prepared_layers(
             "for its weights. Call it under torch.no_grad()."
         )
     grouped = norm if norm is not None and norm.active else None
+    moments = moments if moments is not None else PatchMoments()
     states = {
-        layer: _FoldState(batch_norm, grouped)
+        layer: _FoldState(batch_norm, grouped, moments)
         for layer, batch_norm in _foldable_pairs(net, fold, grouped is not None)
     }
     # Exact types only: a subclass may compute its weight differently in its own forward.
@@ -160,11 +166,14 @@ def _can_fold_batch(layer: nn.Module, norm: _BatchNorm) -> bool:
 class _FoldState:
     """A folded pair's batch norm, and whether the last call of its layer folded it."""
 
-    def __init__(self, norm: _BatchNorm, grouped: GroupedBatchNorm | None) -> None:
+    def __init__(
+        self, norm: _BatchNorm, grouped: GroupedBatchNorm | None, moments: PatchMoments
+    ) -> None:
         self.norm = norm
         self.grouped = grouped
         self.batch_stats = uses_batch_stats(norm)
         self.folded = False
+        self.moments = moments
         # The forward that unfolded calls run: GroupedBatchNorm's patch, if present.
         self._previous = vars(norm).get("forward")
 
@@ -202,7 +211,7 @@ def _prepared_forward(layer: nn.Module, state: _FoldState | None) -> Callable[[T
         if state is not None and state.batch_stats:
             state.folded = _moments_pay(layer, x, state)
             if state.folded:
-                return _batch_folded_conv(layer, x, state.norm, state.grouped)
+                return _batch_folded_conv(layer, x, state.norm, state.grouped, state.moments)
             fold = False
         else:
             fold = state is not None and _folding_pays(layer, x)
@@ -259,8 +268,91 @@ def _output_size(layer: nn.Conv2d, x: Tensor) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+class PatchMoments:
+    """Patch mean and covariance of groups of input rows, computed once per distinct group.
+
+    In a batched pass, a first layer receives each task's batch once for every bank that the
+    task's pairs picked. The moments depend on the input and the kernel's geometry (size,
+    dilation, padding, stride) alone, so one instance serves every bank. Groups are matched by
+    exact equality of their rows, with the sum of each group as a first check. Only inputs
+    without gradients on the CPU are matched: there the check costs a small fraction of the
+    moments, while on a GPU reading the sums would wait for the device.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[object, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self.computed_groups = 0
+
+    def __call__(
+        self, layer: nn.Conv2d, x: Tensor, num_groups: int, stats_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Return the patch mean [groups, D] and covariance [groups, D, D] of ``x``'s groups."""
+        if x.requires_grad or x.device.type != "cpu":
+            self.computed_groups += num_groups
+            return _patch_moments(layer, x, num_groups, stats_dtype)
+        parts = x.unflatten(0, (num_groups, -1))
+        sums = parts.sum(dim=tuple(range(1, parts.dim())), dtype=torch.float64).tolist()
+        geometry = (layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        keys = [(geometry, tuple(parts.shape[1:]), x.dtype, stats_dtype, s) for s in sums]
+        # Per group: its cached moments, the index of an equal group earlier in this call, or
+        # None where the moments are computed below.
+        sources: list[tuple[Tensor, Tensor] | int | None] = []
+        missing: list[int] = []
+        for index, (part, key) in enumerate(zip(parts, keys, strict=True)):
+            cached = self._entries.get(key, [])
+            source: tuple[Tensor, Tensor] | int | None = next(
+                ((m, c) for rows, m, c in cached if torch.equal(rows, part)), None
+            )
+            if source is None:
+                source = next(
+                    (j for j in missing if keys[j] == key and torch.equal(parts[j], part)), None
+                )
+            if source is None:
+                missing.append(index)
+            sources.append(source)
+
+        computed: dict[int, tuple[Tensor, Tensor]] = {}
+        if missing:
+            new_rows = x if len(missing) == num_groups else parts[missing].flatten(0, 1)
+            means, covariances = _patch_moments(layer, new_rows, len(missing), stats_dtype)
+            self.computed_groups += len(missing)
+            for index, mean, covariance in zip(missing, means, covariances, strict=True):
+                self._entries.setdefault(keys[index], []).append((parts[index], mean, covariance))
+                computed[index] = (mean, covariance)
+        results = []
+        for index, source in enumerate(sources):
+            if source is None:
+                source = computed[index]
+            elif isinstance(source, int):
+                source = computed[source]
+            results.append(source)
+        return (
+            torch.stack([mean for mean, _ in results]),
+            torch.stack([covariance for _, covariance in results]),
+        )
+
+
+def _patch_moments(
+    layer: nn.Conv2d, x: Tensor, num_groups: int, stats_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Return the mean [groups, D] and covariance [groups, D, D] of each group's input patches."""
+    rows = x.shape[0] // num_groups
+    columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    positions = rows * columns.shape[2]
+    patches = columns.to(stats_dtype).view(num_groups, rows, *columns.shape[1:])
+    patch_mean = patches.mean((1, 3))
+    centered = (patches - patch_mean[:, None, :, None]).flatten(0, 1)  # [rows, D, L]
+    dims = centered.shape[1]
+    covariance = (centered @ centered.transpose(1, 2)).view(num_groups, rows, dims, dims)
+    return patch_mean, covariance.sum(1) / positions
+
+
 def _batch_folded_conv(
-    layer: nn.Conv2d, x: Tensor, norm: _BatchNorm, grouped: GroupedBatchNorm
+    layer: nn.Conv2d,
+    x: Tensor,
+    norm: _BatchNorm,
+    grouped: GroupedBatchNorm,
+    moments: PatchMoments,
 ) -> Tensor:
     """Run ``layer`` and training-mode ``norm`` as one convolution per group of rows.
 
@@ -275,14 +367,9 @@ def _batch_folded_conv(
     num_groups = len(grouped.groups)
     rows = x.shape[0] // num_groups
     stats_dtype = torch.float32 if x.device.type == "mps" else torch.float64
-    columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-    positions = rows * columns.shape[2]
-    patches = columns.to(stats_dtype).view(num_groups, rows, *columns.shape[1:])
-    patch_mean = patches.mean((1, 3))  # [groups, D]
-    centered = (patches - patch_mean[:, None, :, None]).flatten(0, 1)  # [rows, D, L]
-    dims = centered.shape[1]
-    covariance = (centered @ centered.transpose(1, 2)).view(num_groups, rows, dims, dims)
-    covariance = covariance.sum(1) / positions  # [groups, D, D]
+    patch_mean, covariance = moments(layer, x, num_groups, stats_dtype)
+    height, width = _output_size(layer, x)
+    positions = rows * height * width
     flat = layer.weight.flatten(1).to(stats_dtype)  # [C, D]
     mean = patch_mean @ flat.T  # [groups, C]
     if layer.bias is not None:

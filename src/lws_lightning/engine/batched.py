@@ -18,7 +18,9 @@ of a pass together, layer by layer:
   2-D convolutions reuse one channels-last copy. In passes without gradients, eval-mode batch
   norm is folded into the convolution or linear layer before it. Training-mode batch norm
   after a convolution with few inputs per output value, such as a first layer on grayscale
-  images, is folded into it too, with each group's statistics from its input patches.
+  images, is folded into it too, with each group's statistics from its input patches. A task's
+  batch reaches the first layer once per bank its pairs picked, and its patch moments are
+  computed once per pass.
 - ReLU followed by max-pooling runs as max-pooling followed by ReLU, which gives the same
   values and gradients with ReLU on the pooled map (see
   :mod:`lws_lightning.engine._pool_first`). On CPU, training-mode batch norm before them
@@ -50,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lws_lightning.engine._group_norm import GroupedBatchNorm, to_channels_last
-from lws_lightning.engine._layer_weights import prepared_layers
+from lws_lightning.engine._layer_weights import PatchMoments, prepared_layers
 from lws_lightning.engine._plan import (
     Pair,
     activation_sizes,
@@ -161,10 +163,11 @@ class BatchedEngine:
         scale = 1.0 / (num_samples * num_tasks)
         orders, losses = [], []
         norm = GroupedBatchNorm()
+        moments = PatchMoments()
         for chunk in chunks:
             tasks = sorted({pair.task for pair in chunk})
             inputs = x if len(tasks) == num_tasks else x[tasks]
-            with self._patched(net, norm, fold=backward is None):
+            with self._patched(net, norm, fold=backward is None, moments=moments):
                 outputs = self._forward(net, inputs, tasks, chunk, limits, norm)
             chunk_orders, chunk_losses = _pair_losses(outputs, y)
             if backward is not None:
@@ -177,9 +180,22 @@ class BatchedEngine:
         return pair_losses.view(num_samples, num_tasks).mean(1)
 
     @contextmanager
-    def _patched(self, net: MultiTaskNet, norm: GroupedBatchNorm, fold: bool) -> Iterator[None]:
-        """Patch ``net``'s modules for one batched forward pass (see the module docstring)."""
-        with norm.patch(net), prepared_layers(net, fold, norm), pool_before_relu(net, norm):
+    def _patched(
+        self,
+        net: MultiTaskNet,
+        norm: GroupedBatchNorm,
+        fold: bool,
+        moments: PatchMoments | None = None,
+    ) -> Iterator[None]:
+        """Patch ``net``'s modules for one batched forward pass (see the module docstring).
+
+        ``moments`` shares first-layer patch moments among the chunks of a pass.
+        """
+        with (
+            norm.patch(net),
+            prepared_layers(net, fold, norm, moments),
+            pool_before_relu(net, norm),
+        ):
             yield
 
     def _plan(
