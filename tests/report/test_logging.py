@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import struct
 import time
 from pathlib import Path
@@ -12,12 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lws_lightning.lit.callbacks import ASSIGNMENT_KEY, PROBS_KEY, RoutingFigureLogger
 from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, resume_wandb_run, run_name
-from lws_lightning.lit.module import LWSModule
+from lws_lightning.lit.module import GENERATOR_STATE_KEY, LWSModule
+from lws_lightning.run import _continue_wandb_run
 
 TASKS = ("fashion", "digits", "optdigits")
 # Keys that every job's W&B history must hold: losses, π's entropy, test errors, figures.
@@ -233,14 +237,40 @@ def test_resumed_run_continues_wandb_run(compose_config, tmp_path, monkeypatch, 
 
 
 def test_explicit_wandb_id_wins_over_checkpoint(compose_config):
-    """resume_wandb_run leaves a W&B node alone when the user set its id."""
+    """resume_wandb_run leaves a W&B node alone when the user set its id or version."""
     cfg = compose_config("logger=[csv,wandb]", "logger.wandb.id=chosen")
     assert not resume_wandb_run(cfg.logger, "from-checkpoint")
     assert cfg.logger.wandb.id == "chosen"
+    cfg = compose_config("logger=wandb", "+logger.wandb.version=chosen")
+    assert not resume_wandb_run(cfg.logger, "from-checkpoint")
+    assert cfg.logger.wandb.id is None
     cfg = compose_config("logger=[csv,wandb]")
     assert resume_wandb_run(cfg.logger, "from-checkpoint")
     assert cfg.logger.wandb.id == "from-checkpoint"
     assert "id" not in cfg.logger.csv
+
+
+def test_sweep_job_starts_own_wandb_run(compose_config, caplog):
+    """In a multirun, jobs resumed from one checkpoint do not share its W&B run."""
+    cfg = compose_config("logger=wandb", "hydra.mode=MULTIRUN")
+    assert HydraConfig.get().mode == RunMode.MULTIRUN
+
+    with caplog.at_level(logging.INFO, logger="lws_lightning.run"):
+        _continue_wandb_run(cfg, "from-checkpoint")
+
+    assert cfg.logger.wandb.id is None
+    assert "this sweep job starts a run of its own" in caplog.text
+
+
+def test_wandb_id_passes_through_run_without_wandb():
+    """A checkpoint written without W&B keeps the W&B run id of the one it resumed from."""
+    module = LWSModule("dkl_convnet", [2], (1, 28, 28), architecture_options={"width": 4})
+    module.on_load_checkpoint(
+        {GENERATOR_STATE_KEY: module.generator.get_state(), WANDB_RUN_ID_KEY: "earlier"}
+    )
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint[WANDB_RUN_ID_KEY] == "earlier"
 
 
 def test_run_name_excludes_seed_and_paths():

@@ -120,12 +120,13 @@ def resume_wandb_run(logger_config: DictConfig | None, run_id: str) -> bool:
     """Set ``id`` to ``run_id`` in each W&B node of ``logger_config`` that sets no id itself.
 
     ``WandbLogger`` starts its run with ``resume="allow"``, so the run continues the W&B run
-    with that id. Returns whether a node was changed.
+    with that id. A node with ``id`` or ``version`` (WandbLogger's other name for the id) set
+    keeps it. Returns whether a node was changed.
     """
     changed = False
     for node in (logger_config or {}).values():
         is_wandb = isinstance(node, DictConfig) and node.get("_target_") in _WANDB_TARGETS
-        if is_wandb and node.get("id") is None:
+        if is_wandb and node.get("id") is None and node.get("version") is None:
             with open_dict(node):
                 node.id = run_id
             changed = True

@@ -99,6 +99,7 @@ class LWSModule(LightningModule):
         self.val_errors = TaskErrors(num_classes)
         self.test_errors = TaskErrors(num_classes)
         self.history: list[dict[str, float]] = []
+        self._resumed_wandb_run_id: str | None = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
@@ -215,6 +216,9 @@ class LWSModule(LightningModule):
         checkpoint[GENERATOR_STATE_KEY] = self.generator.get_state()
         checkpoint["lws_history"] = list(self.history)
         run_id = wandb_run_id(self.trainer.loggers) if self._trainer is not None else None
+        # A run without W&B passes on the id of the checkpoint it resumed from, so that a
+        # later resume with W&B continues that run.
+        run_id = run_id or self._resumed_wandb_run_id
         if run_id is not None:
             checkpoint[WANDB_RUN_ID_KEY] = run_id
 
@@ -225,3 +229,4 @@ class LWSModule(LightningModule):
             )
         self.generator.set_state(checkpoint[GENERATOR_STATE_KEY])
         self.history = list(checkpoint.get("lws_history", []))
+        self._resumed_wandb_run_id = checkpoint.get(WANDB_RUN_ID_KEY)
