@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -159,6 +161,19 @@ def _warn_if_nothing_to_train(path: str, checkpoint_step: int, max_steps: int) -
         )
 
 
+def _continue_wandb_run(cfg: DictConfig, run_id: str) -> None:
+    """Let a single resumed run log into its checkpoint's W&B run; sweep jobs get their own."""
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep:
+        log.info(
+            "The checkpoint belongs to W&B run %s, and this sweep job starts a run of its own. "
+            "Set logger.wandb.id to continue that run instead.",
+            run_id,
+        )
+    elif resume_wandb_run(cfg.get("logger"), run_id):
+        log.info("Continuing W&B run %s of the checkpoint", run_id)
+
+
 def _check_trainer(trainer: L.Trainer) -> None:
     """Raise :class:`UserInputError` for a precision or strategy that LWS does not support."""
     if trainer.precision not in SUPPORTED_PRECISIONS:
@@ -206,8 +221,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resumed = _check_checkpoint_path(cfg.get("ckpt_path"), module)
     if resumed is not None:
         _warn_if_nothing_to_train(cfg.ckpt_path, resumed.step, int(cfg.trainer.max_steps))
-        if resumed.wandb_run_id and resume_wandb_run(cfg.get("logger"), resumed.wandb_run_id):
-            log.info("Continuing W&B run %s of the checkpoint", resumed.wandb_run_id)
+        if resumed.wandb_run_id:
+            _continue_wandb_run(cfg, resumed.wandb_run_id)
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -215,13 +230,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     succeeded = False
     try:
-        log.info(
-            "Training %s with %s sharing on %d tasks for %d iterations",
-            cfg.model.architecture,
-            cfg.model.sharing,
-            len(datamodule.num_classes),
-            cfg.trainer.max_steps,
-        )
+        start_step = resumed.step if resumed is not None else 0
+        max_steps = int(cfg.trainer.max_steps)
+        if max_steps < 0 or start_step < max_steps:
+            log.info(
+                "Training %s with %s sharing on %d tasks from iteration %d to %s",
+                cfg.model.architecture,
+                cfg.model.sharing,
+                len(datamodule.num_classes),
+                start_step,
+                max_steps if max_steps >= 0 else "the trainer's epoch limit",
+            )
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         results = collect_results(module, test_metrics)
