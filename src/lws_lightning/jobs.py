@@ -73,7 +73,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
             results = train(cfg)
     except BaseException as error:
         if isinstance(error, SIGTERMException):
-            message = _sigterm_message(Path(cfg.paths.output_dir))
+            message = _sigterm_message(cfg, started)
             write_status(hydra_config, "failed", started, error, message)
             log.error("%s", message)
             sys.exit(SIGTERM_EXIT_CODE)
@@ -203,14 +203,33 @@ def write_status(
     return path
 
 
-def _sigterm_message(output_dir: Path) -> str:
-    """Describe a stop on SIGTERM and how to resume, naming the checkpoint if there is one."""
-    checkpoint = output_dir / "last.ckpt"
-    if checkpoint.is_file():
+def _sigterm_message(cfg: DictConfig, started: float) -> str:
+    """Describe a stop on SIGTERM and name the checkpoint to resume from, if there is one.
+
+    Only a ``last.ckpt`` written since ``started`` counts, so that a file left by an earlier
+    run in the same folder is not named. Without one, a resumed run points back to its
+    ``ckpt_path``.
+    """
+    checkpoint = _checkpoint_dir(cfg) / "last.ckpt"
+    if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
         resume = f"Resume it with ckpt_path={checkpoint} and the same overrides."
+    elif cfg.get("ckpt_path"):
+        resume = (
+            "It wrote no checkpoint of its own, so resume it from the one it started from: "
+            f"ckpt_path={cfg.ckpt_path}."
+        )
     else:
         resume = "It wrote no last.ckpt to resume from, so start it again."
     return f"The run stopped on SIGTERM. {resume}"
+
+
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    """Return the folder of the checkpoint callback's files: its dirpath or the output folder."""
+    for node in (cfg.get("callbacks") or {}).values():
+        target = node.get("_target_", "") if isinstance(node, DictConfig) else ""
+        if str(target).endswith("Checkpoint") and node.get("dirpath"):
+            return Path(node.dirpath)
+    return Path(cfg.paths.output_dir)
 
 
 def _timestamp(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""A run stopped by SIGTERM exits with code 143, records the failure and leaves a checkpoint."""
+"""A run stopped by SIGTERM exits with code 143, records the failure and names a checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE
+from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE, _sigterm_message
 
 
 def wait_for_iterations(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
@@ -58,3 +58,37 @@ def test_sigterm_exits_143(tmp_path: Path) -> None:
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] % 4 == 0
     assert checkpoint["lws_history"][-1]["step"] == checkpoint["global_step"]
+
+
+def test_sigterm_message_names_checkpoint(compose_config, tmp_path: Path) -> None:
+    """The message names a last.ckpt written since the start, else the run's ckpt_path."""
+    started = time.time()
+    cfg = compose_config()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True)
+    no_checkpoint = "It wrote no last.ckpt to resume from, so start it again."
+    assert _sigterm_message(cfg, started).endswith(no_checkpoint)
+
+    stale = output_dir / "last.ckpt"
+    stale.write_bytes(b"written by an earlier run")
+    os.utime(stale, (started - 60, started - 60))
+    assert _sigterm_message(cfg, started).endswith(no_checkpoint)
+    resumed = compose_config(f"ckpt_path={tmp_path / 'earlier.ckpt'}")
+    assert _sigterm_message(resumed, started).endswith(
+        "It wrote no checkpoint of its own, so resume it from the one it started from: "
+        f"ckpt_path={tmp_path / 'earlier.ckpt'}."
+    )
+
+    stale.touch()
+    expected = f"Resume it with ckpt_path={stale} and the same overrides."
+    assert _sigterm_message(cfg, started).endswith(expected)
+
+
+def test_sigterm_message_reads_checkpoint_dirpath(compose_config, tmp_path: Path) -> None:
+    started = time.time()
+    checkpoints = tmp_path / "checkpoints"
+    cfg = compose_config(f"callbacks.model_checkpoint.dirpath={checkpoints}")
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes(b"fresh")
+    expected = f"Resume it with ckpt_path={checkpoints / 'last.ckpt'} and the same overrides."
+    assert _sigterm_message(cfg, started).endswith(expected)
