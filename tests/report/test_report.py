@@ -238,16 +238,49 @@ def test_run_settings_flatten_config():
             "assignment": None,
         },
         "data": {"root": "/data", "batch_size": 16, "num_workers": 4, "seed": "${seed}"},
-        "trainer": {"precision": "bf16-mixed", "accelerator": "gpu"},
+        "trainer": {"precision": "bf16-mixed", "accelerator": "gpu", "devices": 2},
     }
     assert run_settings(config) == {
         "model.architecture": "dkl_convnet",
         "model.architecture_options.width": "8",
         "model.nes_lr": "0.01",
-        "model.assignment": "null",
         "data.batch_size": "16",
         "data.seed": "${seed}",
         "trainer.precision": "bf16-mixed",
+        "trainer.devices": "2",
+    }
+
+
+def test_run_settings_compare_values():
+    """Equal values written differently give equal settings."""
+
+    def settings(model: dict, trainer: dict | None = None) -> dict[str, str]:
+        return run_settings({"model": {"sharing": "learned", **model}, "trainer": trainer or {}})
+
+    assert settings({"nes_lr": 1}) == settings({"nes_lr": 1.0}) == settings({"nes_lr": "1"})
+    assert settings({"nes_lr": 0.1}) != settings({"nes_lr": 0.01})
+    assert settings({"architecture_options": None}) == settings({"architecture_options": {}})
+    assert settings({"architecture_options": {}}) == settings({})
+    assert settings({}, {"precision": 32}) == settings({}, {"precision": "32-true"})
+    assert settings({}, {"precision": "16"}) == settings({}, {"precision": "16-mixed"})
+    assert settings({}, {"devices": 1}) != settings({}, {"devices": 2})
+
+
+def test_run_settings_skip_unused_by_sharing():
+    """Frozen sharing modes ignore the NES settings; only fixed sharing reads the assignment."""
+    nes = {"nes_lr": 0.5, "nes_samples": 4, "sgd_samples": 2, "p_min": 0.01}
+    for sharing in ("full", "none"):
+        assert run_settings({"model": {"sharing": sharing, **nes, "lr": 0.1}}) == {
+            "model.lr": "0.1"
+        }
+    fixed = run_settings({"model": {"sharing": "fixed", "assignment": [[0, 1]], **nes}})
+    assert fixed == {"model.assignment": "[[0, 1]]"}
+    learned = run_settings({"model": {"sharing": "learned", "assignment": [[0, 1]], **nes}})
+    assert learned == {
+        "model.nes_lr": "0.5",
+        "model.nes_samples": "4",
+        "model.sgd_samples": "2",
+        "model.p_min": "0.01",
     }
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,10 @@ _SKIPPED_FOLDERS = {"wandb", "csv", "tensorboard", "checkpoints", "__pycache__"}
 # Config sections whose values define what a run computes, so the runs of one table cell
 # should agree on them. Runs that differ only in the keys of IGNORED_SETTINGS compute the same
 # quantities: the engine, where the data lies and how it is loaded, and the evaluation batch
-# size change speed, not results. model.sharing names the cell itself.
+# size change speed, not results. model.sharing names the cell itself. The number of
+# processes counts because each DDP process reads its own batches.
 COMPARED_SECTIONS = ("model", "data")
-COMPARED_KEYS = ("trainer.precision",)
+COMPARED_KEYS = ("trainer.precision", "trainer.devices", "trainer.num_nodes")
 IGNORED_SETTINGS = frozenset(
     {
         "model.sharing",
@@ -52,6 +54,13 @@ IGNORED_SETTINGS = frozenset(
         "data.fashion_source",
     }
 )
+# Settings that a frozen π (sharing full, none or fixed) never uses: these modes skip the
+# NES step and take one SGD sample. model.assignment applies to fixed sharing only.
+NES_SETTINGS = frozenset({"model.nes_lr", "model.nes_samples", "model.sgd_samples", "model.p_min"})
+FROZEN_SHARING = ("full", "none", "fixed")
+# Lightning's full names of its short precision values.
+_PRECISION_NAMES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class IncompleteRunError(ValueError):
@@ -171,22 +180,31 @@ def load_run(folder: Path) -> Run:
 def run_settings(config: dict[str, Any]) -> dict[str, str]:
     """Flatten the config values that define what a run computes into ``{"a.b": text}``.
 
-    Nested mappings such as ``model.architecture_options`` flatten to one key per leaf, and
-    an empty mapping adds no key, so ``{}`` and ``{width: 8}`` differ in the key
-    ``model.architecture_options.width``.
+    Nested mappings such as ``model.architecture_options`` flatten to one key per leaf. Null
+    values and empty mappings add no key, as if unset, so ``{}`` and ``{width: 8}`` differ in
+    the key ``model.architecture_options.width`` and ``null`` equals ``{}``. Numbers compare
+    by value (1 equals 1.0) and precisions by Lightning's full name (32 equals 32-true).
+    Settings that the run's sharing mode does not use are left out (see NES_SETTINGS).
     """
+    model = config.get("model")
+    sharing = model.get("sharing") if isinstance(model, dict) else None
+    ignored = set(IGNORED_SETTINGS)
+    if sharing in FROZEN_SHARING:
+        ignored |= NES_SETTINGS
+    if sharing != "fixed":
+        ignored.add("model.assignment")
     settings: dict[str, str] = {}
 
     def add(prefix: str, value: Any) -> None:
-        if prefix in IGNORED_SETTINGS:
+        if prefix in ignored or value is None:
             return
         if isinstance(value, dict):
             for key, item in value.items():
                 add(f"{prefix}.{key}", item)
-        elif isinstance(value, str):
-            settings[prefix] = value
+        elif prefix == "trainer.precision":
+            settings[prefix] = _PRECISION_NAMES.get(str(value), str(value))
         else:
-            settings[prefix] = json.dumps(value, sort_keys=True)
+            settings[prefix] = _value_text(value)
 
     for section in COMPARED_SECTIONS:
         if isinstance(config.get(section), dict):
@@ -195,9 +213,19 @@ def run_settings(config: dict[str, Any]) -> dict[str, str]:
         value: Any = config
         for key in dotted.split("."):
             value = value.get(key) if isinstance(value, dict) else None
-        if value is not None:
-            add(dotted, value)
+        add(dotted, value)
     return settings
+
+
+def _value_text(value: Any) -> str:
+    """Return ``value`` as text in which equal numbers read the same (1, 1.0 and "1")."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 def _missing_results_reason(folder: Path) -> str:
