@@ -84,6 +84,10 @@ def read_lws_checkpoint(path: str | Path) -> dict[str, Any]:
             ``LWSModule`` writes (its hyperparameters, weights and sampler state).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder. Pass a checkpoint file, such as {path / 'last.ckpt'}."
+        )
     if not path.is_file():
         raise CheckpointError(
             f"Checkpoint {path} not found. Pass the last.ckpt file from a run's output folder."
@@ -320,11 +324,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "program, plus a compact multi-task checkpoint that stores each used bank once."
         ),
     )
-    parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="last.ckpt of an LWS run")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="last.ckpt of an LWS run, or the run's output folder that contains it",
+    )
     parser.add_argument("output_dir", type=Path, metavar="OUT", help="folder for the files")
     args = parser.parse_args(argv)
+    checkpoint = args.checkpoint
+    if checkpoint.is_dir() and (checkpoint / "last.ckpt").is_file():
+        checkpoint = checkpoint / "last.ckpt"
     try:
-        written = export_checkpoint(args.checkpoint, args.output_dir)
+        written = export_checkpoint(checkpoint, args.output_dir)
     except UserInputError as error:
         log.error("%s", error)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -150,8 +151,10 @@ def test_export_matches_module(lws_multirun, tmp_path, caplog):
     for sharing in ("learned", "none"):
         checkpoint = lws_multirun.jobs[(sharing, 0)] / "last.ckpt"
         export_dir = tmp_path / sharing
+        # The command accepts a run folder in place of its last.ckpt.
+        source = checkpoint if sharing == "learned" else checkpoint.parent
         with caplog.at_level(logging.INFO):
-            assert main([str(checkpoint), str(export_dir)]) == 0
+            assert main([str(source), str(export_dir)]) == 0
         assert f"Wrote {export_dir / MULTITASK_FILE}" in caplog.text
         modules[sharing] = LWSModule.load_from_checkpoint(checkpoint, map_location="cpu")
         export_dirs.append(export_dir)
@@ -300,6 +303,15 @@ def test_missing_checkpoint_names_file(tmp_path):
     path = tmp_path / "absent.ckpt"
     with pytest.raises(CheckpointError, match=f"Checkpoint {path} not found"):
         load_lws_checkpoint(path)
+
+
+def test_folder_without_checkpoint_names_file(tmp_path, caplog):
+    expected = f"Checkpoint {tmp_path} is a folder. Pass a checkpoint file, such as "
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_lws_checkpoint(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert expected in caplog.text
 
 
 @pytest.mark.parametrize(
