@@ -22,6 +22,7 @@ from lws_lightning.lit.callbacks import ASSIGNMENT_KEY, PROBS_KEY, RoutingFigure
 from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, resume_wandb_run, run_name
 from lws_lightning.lit.module import GENERATOR_STATE_KEY, LWSModule
 from lws_lightning.run import _continue_wandb_run
+from tests.conftest import Multirun
 
 TASKS = ("fashion", "digits", "optdigits")
 # Keys that every job's W&B history must hold: losses, π's entropy, test errors, figures.
@@ -154,18 +155,14 @@ def test_csv_steps_count_finished_iterations(lws_multirun):
         assert steps("test/error") == [4], key
 
 
-def test_wandb_failed_job_exits_1(compose_config, tmp_path, monkeypatch, lws_multirun):
-    from lws_lightning import run
-
-    for name, value in lws_multirun.wandb_env.items():
-        monkeypatch.setenv(name, value)
-    cfg = compose_config(
+def tiny_wandb_overrides(multirun: Multirun) -> tuple[str, ...]:
+    """Overrides of a run of a few seconds that logs to W&B and evaluates after every step."""
+    return (
         "debug=smoke",
         "logger=wandb",
-        f"paths.data_dir={lws_multirun.data_dir}",
+        f"paths.data_dir={multirun.data_dir}",
         "data.download=false",
         "data.eval_batch_size=64",
-        "trainer.max_steps=1",
         "trainer.val_check_interval=1",
         "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1",
@@ -173,6 +170,14 @@ def test_wandb_failed_job_exits_1(compose_config, tmp_path, monkeypatch, lws_mul
         "model.sgd_samples=1",
         "callbacks.progress_bar.refresh_rate=0",
     )
+
+
+def test_wandb_failed_job_exits_1(compose_config, tmp_path, monkeypatch, lws_multirun):
+    from lws_lightning import run
+
+    for name, value in lws_multirun.wandb_env.items():
+        monkeypatch.setenv(name, value)
+    cfg = compose_config(*tiny_wandb_overrides(lws_multirun), "trainer.max_steps=1")
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected failure after testing")
@@ -202,19 +207,7 @@ def test_resumed_run_continues_wandb_run(compose_config, tmp_path, monkeypatch, 
 
     for name, value in lws_multirun.wandb_env.items():
         monkeypatch.setenv(name, value)
-    common = (
-        "debug=smoke",
-        "logger=wandb",
-        f"paths.data_dir={lws_multirun.data_dir}",
-        "data.download=false",
-        "data.eval_batch_size=64",
-        "trainer.val_check_interval=1",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "model.nes_samples=2",
-        "model.sgd_samples=1",
-        "callbacks.progress_bar.refresh_rate=0",
-    )
+    common = tiny_wandb_overrides(lws_multirun)
     first_cfg = compose_config(*common, "trainer.max_steps=1")
     train(first_cfg)
     first_dir = Path(first_cfg.paths.output_dir)
