@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lws_lightning.data import MnistTrioDataModule
 from lws_lightning.engine import StepConfig, lws_step
 from lws_lightning.lit import LWSModule
+from lws_lightning.lit.progress import IterationProgressBar
 from lws_lightning.run import train
 
 # A narrow DKL ConvNet keeps these runs at a fraction of a second per iteration.
@@ -258,3 +259,30 @@ def test_resume_past_max_steps_warns(compose_config, tmp_path, caplog):
         "that, so this run trains no further"
     )
     assert expected in caplog.text
+
+
+def test_progress_bar_counts_resumed_iterations(compose_config, trio, tmp_path):
+    """The bar counts global steps, from the checkpoint's step in a resumed run."""
+    # As in the app: last.ckpt written by the checkpoint callback during training.
+    cfg = compose_config()
+    callback = instantiate(cfg.callbacks.model_checkpoint, dirpath=str(tmp_path / "checkpoints"))
+    first = _trainer(
+        tmp_path,
+        2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
+    first.fit(_module(trio), datamodule=trio)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+
+    bar = IterationProgressBar()
+    resumed = _trainer(tmp_path, 4, enable_progress_bar=True, callbacks=[bar])
+    resumed.fit(_module(trio), datamodule=trio, ckpt_path=checkpoint)
+
+    assert bar.train_progress_bar.initial == 2
+    assert bar.train_progress_bar.n == 4
+    assert bar.train_progress_bar.total == 4
+    assert bar.train_progress_bar.desc.startswith("LWS iteration")
