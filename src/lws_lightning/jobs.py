@@ -14,12 +14,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch.distributed as dist
@@ -66,11 +68,12 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
 
     started = time.time()
     try:
-        if in_sweep:
-            with ddp_state_restored():
+        with sigterm_raises():
+            if in_sweep:
+                with ddp_state_restored():
+                    results = train(cfg)
+            else:
                 results = train(cfg)
-        else:
-            results = train(cfg)
     except BaseException as error:
         if isinstance(error, SIGTERMException):
             message = _sigterm_message(cfg, started)
@@ -93,6 +96,31 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
         raise
     write_status(hydra_config, "ok", started)
     return results["test"]["error"]
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Raise ``SIGTERMException`` on SIGTERM where Lightning's own handler is not installed.
+
+    Lightning handles SIGTERM only while the trainer runs, and stops after the current step.
+    Before that, while the data is prepared and the model built, the signal would end the
+    process without a status file. While the trainer runs, Lightning calls this handler after
+    its own, and the handler leaves the stop to Lightning. Signal handlers can be set only in
+    the main thread, so elsewhere the context does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_data_root(cfg: DictConfig, original_cwd: str) -> None:

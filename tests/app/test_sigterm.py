@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE, _sigterm_message
+from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE, _sigterm_message, run_job
 
 
 def wait_for_iterations(run_dir: Path, process: subprocess.Popen, timeout: float) -> None:
@@ -92,3 +93,30 @@ def test_sigterm_message_reads_checkpoint_dirpath(compose_config, tmp_path: Path
     (checkpoints / "last.ckpt").write_bytes(b"fresh")
     expected = f"Resume it with ckpt_path={checkpoints / 'last.ckpt'} and the same overrides."
     assert _sigterm_message(cfg, started).endswith(expected)
+
+
+def test_sigterm_before_training_writes_status(compose_config) -> None:
+    """SIGTERM before Lightning installs its handler still records the stop and exits 143."""
+    cfg = compose_config()
+
+    def stopped_during_setup(_: object) -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    # Without run_job's handler, this one keeps the signal from ending pytest.
+    ignore = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        guard = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(SystemExit) as stopped:
+            run_job(cfg, stopped_during_setup)
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, ignore)
+
+    assert stopped.value.code == SIGTERM_EXIT_CODE
+    status = json.loads((Path(cfg.paths.output_dir) / STATUS_FILE).read_text())
+    assert status["error"] == (
+        "SIGTERMException: The run stopped on SIGTERM. It wrote no last.ckpt to resume from, "
+        "so start it again."
+    )
