@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
+from lws_lightning import sigterm
 from lws_lightning.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
                 results = train(cfg)
     except BaseException as error:
         if isinstance(error, SIGTERMException):
+            sigterm.clear()
             message = _sigterm_message(cfg, started)
             write_status(hydra_config, "failed", started, error, message)
             log.error("%s", message)
@@ -95,6 +97,12 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
             return None
         raise
     write_status(hydra_config, "ok", started)
+    if sigterm.received():
+        # Lightning records a SIGTERM during its last training or test batch, or after it,
+        # without raising, so the run finished.
+        sigterm.clear()
+        log.error("The run received SIGTERM as it finished; its results are complete.")
+        sys.exit(SIGTERM_EXIT_CODE)
     return results["test"]["error"]
 
 
@@ -105,19 +113,23 @@ def sigterm_raises() -> Iterator[None]:
     Lightning handles SIGTERM only while the trainer runs, and stops after the current step.
     Before that, while the data is prepared and the model built, the signal would end the
     process without a status file. While the trainer runs, Lightning calls this handler after
-    its own, and the handler leaves the stop to Lightning. Signal handlers can be set only in
-    the main thread, so elsewhere the context does nothing.
+    its own, and the handler leaves the stop to Lightning. Every SIGTERM is recorded in
+    :mod:`lws_lightning.sigterm`, and one recorded before the context raises on entry.
+    Signal handlers can be set only in the main thread, so elsewhere the context does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        sigterm.mark_received()
         if signal.getsignal(signal.SIGTERM) is handler:
             raise SIGTERMException()
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
+        if sigterm.received():
+            raise SIGTERMException()
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -238,8 +250,8 @@ def _sigterm_message(cfg: DictConfig, started: float) -> str:
     run in the same folder is not named. Without one, a resumed run points back to its
     ``ckpt_path``.
     """
-    checkpoint = _checkpoint_dir(cfg) / "last.ckpt"
-    if checkpoint.is_file() and checkpoint.stat().st_mtime >= started:
+    checkpoint = _new_checkpoint(cfg, started)
+    if checkpoint is not None:
         resume = f"Resume it with ckpt_path={checkpoint} and the same overrides."
     elif cfg.get("ckpt_path"):
         resume = (
@@ -251,13 +263,19 @@ def _sigterm_message(cfg: DictConfig, started: float) -> str:
     return f"The run stopped on SIGTERM. {resume}"
 
 
-def _checkpoint_dir(cfg: DictConfig) -> Path:
-    """Return the folder of the checkpoint callback's files: its dirpath or the output folder."""
+def _new_checkpoint(cfg: DictConfig, started: float) -> Path | None:
+    """Return the newest ``last.ckpt`` written since ``started``, or None.
+
+    It looks in the checkpoint callback's dirpath and anywhere under the output folder, where
+    Lightning puts the file when dirpath is null (under the logger's folder).
+    """
+    candidates = list(Path(cfg.paths.output_dir).rglob("last.ckpt"))
     for node in (cfg.get("callbacks") or {}).values():
         target = node.get("_target_", "") if isinstance(node, DictConfig) else ""
         if str(target).endswith("Checkpoint") and node.get("dirpath"):
-            return Path(node.dirpath)
-    return Path(cfg.paths.output_dir)
+            candidates.append(Path(node.dirpath) / "last.ckpt")
+    written = [path for path in candidates if path.is_file() and path.stat().st_mtime >= started]
+    return max(written, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def _timestamp(seconds: float) -> str:

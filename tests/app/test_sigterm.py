@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lws_lightning import sigterm
 from lws_lightning.jobs import SIGTERM_EXIT_CODE, STATUS_FILE, _sigterm_message, run_job
 
 
@@ -94,6 +95,14 @@ def test_sigterm_message_reads_checkpoint_dirpath(compose_config, tmp_path: Path
     expected = f"Resume it with ckpt_path={checkpoints / 'last.ckpt'} and the same overrides."
     assert _sigterm_message(cfg, started).endswith(expected)
 
+    # With dirpath null, Lightning writes under the logger's folder in the output folder.
+    cfg = compose_config("callbacks.model_checkpoint.dirpath=null")
+    logger_checkpoints = Path(cfg.paths.output_dir) / "csv" / "checkpoints"
+    logger_checkpoints.mkdir(parents=True)
+    (logger_checkpoints / "last.ckpt").write_bytes(b"fresh")
+    expected = f"Resume it with ckpt_path={logger_checkpoints / 'last.ckpt'} and the same"
+    assert expected in _sigterm_message(cfg, started)
+
 
 def test_sigterm_before_training_writes_status(compose_config) -> None:
     """SIGTERM before Lightning installs its handler still records the stop and exits 143."""
@@ -120,3 +129,50 @@ def test_sigterm_before_training_writes_status(compose_config) -> None:
         "SIGTERMException: The run stopped on SIGTERM. It wrote no last.ckpt to resume from, "
         "so start it again."
     )
+
+
+def test_sigterm_before_run_job_stops_job(compose_config) -> None:
+    """A SIGTERM recorded during the command's imports stops the job when run_job starts."""
+    cfg = compose_config()
+
+    def never_called(_: object) -> dict:
+        raise AssertionError("the job ran despite the recorded SIGTERM")
+
+    sigterm.mark_received()
+    with pytest.raises(SystemExit) as stopped:
+        run_job(cfg, never_called)
+
+    assert stopped.value.code == SIGTERM_EXIT_CODE
+    assert not sigterm.received()
+    status = json.loads((Path(cfg.paths.output_dir) / STATUS_FILE).read_text())
+    assert status["status"] == "failed"
+    assert status["error"].startswith("SIGTERMException: The run stopped on SIGTERM.")
+
+
+def test_sigterm_as_run_finishes_exits_143(compose_config) -> None:
+    """A SIGTERM that Lightning lets pass near the end still ends the job with code 143."""
+    cfg = compose_config()
+
+    def finishes_despite_signal(_: object) -> dict:
+        # As Lightning does while the trainer runs: its handler calls the one before it and
+        # only records the signal.
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: previous(signum, frame))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return {"test": {"error": 0.25}}
+
+    ignore = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_job(cfg, finishes_despite_signal)
+    finally:
+        signal.signal(signal.SIGTERM, ignore)
+
+    assert stopped.value.code == SIGTERM_EXIT_CODE
+    assert not sigterm.received()
+    status = json.loads((Path(cfg.paths.output_dir) / STATUS_FILE).read_text())
+    assert status["status"] == "ok"
