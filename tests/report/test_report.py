@@ -264,6 +264,32 @@ def test_run_settings_compare_values():
     assert settings({}, {"precision": 32}) == settings({}, {"precision": "32-true"})
     assert settings({}, {"precision": "16"}) == settings({}, {"precision": "16-mixed"})
     assert settings({}, {"devices": 1}) != settings({}, {"devices": 2})
+    assert settings({}, {"num_nodes": 1}) == settings({})
+    options = [[32, 64], [32.0, 64.0], ["32", "64"]]
+    assert len({str(settings({"architecture_options": {"channels": o}})) for o in options}) == 1
+    assert settings({"split": "12345678901234567890"}) != settings(
+        {"split": "12345678901234567891"}
+    )
+
+
+def test_run_settings_compare_test_subset():
+    """The test batch limit counts, and with a limit so does the evaluation batch size."""
+
+    def settings(trainer: dict, eval_batch_size: int = 64) -> dict[str, str]:
+        config = {"data": {"eval_batch_size": eval_batch_size}, "trainer": trainer}
+        return run_settings(config)
+
+    assert settings({"limit_test_batches": 1.0}) == settings({}) == {}
+    assert settings({"limit_test_batches": 1}) == {
+        "trainer.limit_test_batches": "1 batch",
+        "data.eval_batch_size": "64",
+    }
+    assert settings({"limit_test_batches": 0.25})["trainer.limit_test_batches"] == (
+        "0.25 of the batches"
+    )
+    assert settings({}, eval_batch_size=32) == settings({}, eval_batch_size=64)
+    limited = {"limit_test_batches": 2}
+    assert settings(limited, eval_batch_size=32) != settings(limited, eval_batch_size=64)
 
 
 def test_run_settings_skip_unused_by_sharing():

@@ -39,7 +39,14 @@ _SKIPPED_FOLDERS = {"wandb", "csv", "tensorboard", "checkpoints", "__pycache__"}
 # size change speed, not results. model.sharing names the cell itself. The number of
 # processes counts because each DDP process reads its own batches.
 COMPARED_SECTIONS = ("model", "data")
-COMPARED_KEYS = ("trainer.precision", "trainer.devices", "trainer.num_nodes")
+COMPARED_KEYS = (
+    "trainer.precision",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.limit_test_batches",
+)
+# Lightning's defaults of compared trainer keys: a run that sets one equals a run without it.
+_TRAINER_DEFAULTS = {"trainer.num_nodes": "1", "trainer.limit_test_batches": "all"}
 IGNORED_SETTINGS = frozenset(
     {
         "model.sharing",
@@ -60,6 +67,7 @@ NES_SETTINGS = frozenset({"model.nes_lr", "model.nes_samples", "model.sgd_sample
 FROZEN_SHARING = ("full", "none", "fixed")
 # Lightning's full names of its short precision values.
 _PRECISION_NAMES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+_INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -183,7 +191,9 @@ def run_settings(config: dict[str, Any]) -> dict[str, str]:
     Nested mappings such as ``model.architecture_options`` flatten to one key per leaf. Null
     values and empty mappings add no key, as if unset, so ``{}`` and ``{width: 8}`` differ in
     the key ``model.architecture_options.width`` and ``null`` equals ``{}``. Numbers compare
-    by value (1 equals 1.0) and precisions by Lightning's full name (32 equals 32-true).
+    by value (1 equals 1.0, also inside lists), precisions by Lightning's full name (32
+    equals 32-true), and trainer keys at Lightning's default equal unset ones. With a test
+    batch limit, the evaluation batch size counts, since it decides which examples are tested.
     Settings that the run's sharing mode does not use are left out (see NES_SETTINGS).
     """
     model = config.get("model")
@@ -193,6 +203,11 @@ def run_settings(config: dict[str, Any]) -> dict[str, str]:
         ignored |= NES_SETTINGS
     if sharing != "fixed":
         ignored.add("model.assignment")
+    trainer = config.get("trainer")
+    limit = trainer.get("limit_test_batches") if isinstance(trainer, dict) else None
+    if limit is not None and _limit_text(limit) != "all":
+        # With a limit, the evaluation batch size decides which test examples count.
+        ignored.discard("data.eval_batch_size")
     settings: dict[str, str] = {}
 
     def add(prefix: str, value: Any) -> None:
@@ -201,10 +216,15 @@ def run_settings(config: dict[str, Any]) -> dict[str, str]:
         if isinstance(value, dict):
             for key, item in value.items():
                 add(f"{prefix}.{key}", item)
-        elif prefix == "trainer.precision":
-            settings[prefix] = _PRECISION_NAMES.get(str(value), str(value))
         else:
-            settings[prefix] = _value_text(value)
+            if prefix == "trainer.precision":
+                text = _PRECISION_NAMES.get(str(value), str(value))
+            elif prefix == "trainer.limit_test_batches":
+                text = _limit_text(value)
+            else:
+                text = _value_text(value)
+            if _TRAINER_DEFAULTS.get(prefix) != text:
+                settings[prefix] = text
 
     for section in COMPARED_SECTIONS:
         if isinstance(config.get(section), dict):
@@ -217,15 +237,41 @@ def run_settings(config: dict[str, Any]) -> dict[str, str]:
     return settings
 
 
+def _limit_text(value: Any) -> str:
+    """Describe a Lightning batch limit: an integer counts batches, a float is a fraction."""
+    text = _value_text(value)
+    if isinstance(value, bool):
+        return text
+    if isinstance(value, int) or (isinstance(value, str) and _INTEGER.fullmatch(value.strip())):
+        return f"{text} batch" if text == "1" else f"{text} batches"
+    if _NUMBER.fullmatch(text) or isinstance(value, float):
+        return "all" if float(value) == 1.0 else f"{float(value):g} of the batches"
+    return text
+
+
 def _value_text(value: Any) -> str:
-    """Return ``value`` as text in which equal numbers read the same (1, 1.0 and "1")."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        value = float(value)
+    """Return ``value`` as text in which equal numbers read the same (1, 1.0 and "1").
+
+    Lists compare element by element. Integers, and strings of digits, stay exact.
+    """
+    if isinstance(value, list):
+        return "[" + ", ".join(_value_text(item) for item in value) + "]"
+    if isinstance(value, str):
+        text = value.strip()
+        if _INTEGER.fullmatch(text):
+            value = int(text)
+        elif _NUMBER.fullmatch(text):
+            value = float(text)
+        else:
+            return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    if math.isfinite(value) and float(value).is_integer():
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, int):
+        return str(value)
+    # Whole floats below 2**53 are exact integers, so 16.0 reads as 16.
+    if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
         return str(int(value))
-    return repr(float(value))
+    return repr(value)
 
 
 def _missing_results_reason(folder: Path) -> str:
