@@ -86,7 +86,8 @@ def read_lws_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
-            f"Checkpoint {path} is a folder. Pass a checkpoint file, such as {path / 'last.ckpt'}."
+            f"Checkpoint {path} is a folder. Pass a checkpoint file: the last.ckpt in a run's "
+            "output folder."
         )
     if not path.is_file():
         raise CheckpointError(

@@ -306,7 +306,7 @@ def test_missing_checkpoint_names_file(tmp_path):
 
 
 def test_folder_without_checkpoint_names_file(tmp_path, caplog):
-    expected = f"Checkpoint {tmp_path} is a folder. Pass a checkpoint file, such as "
+    expected = f"Checkpoint {tmp_path} is a folder. Pass a checkpoint file: the last.ckpt in "
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         load_lws_checkpoint(tmp_path)
     with caplog.at_level(logging.ERROR):
