@@ -71,9 +71,19 @@ def load_lws_checkpoint(path: str | Path) -> LWSModule:
     """Load an ``LWSModule`` from a Lightning checkpoint on the CPU, in eval mode.
 
     Raises:
-        CheckpointError: As :func:`read_lws_checkpoint` and :func:`module_from_checkpoint` do.
+        CheckpointError: As :func:`read_lws_checkpoint` does, or the weights do not fit the net
+            that the hyperparameters describe.
     """
-    return module_from_checkpoint(read_lws_checkpoint(path), path)
+    checkpoint = read_lws_checkpoint(path)
+    module = LWSModule(**checkpoint["hyper_parameters"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"The weights in {path} do not fit the net its hyperparameters describe: "
+            f"{_first_line(error)}"
+        ) from None
+    return module.eval()
 
 
 def read_lws_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -117,23 +127,6 @@ def read_lws_checkpoint(path: str | Path) -> dict[str, Any]:
             "last.ckpt written by `python -m lws_lightning`."
         )
     return checkpoint
-
-
-def module_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> LWSModule:
-    """Build an ``LWSModule`` in eval mode from a checkpoint that :func:`read_lws_checkpoint` read.
-
-    Raises:
-        CheckpointError: The weights do not fit the net that the hyperparameters describe.
-    """
-    module = LWSModule(**checkpoint["hyper_parameters"])
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"The weights in {path} do not fit the net its hyperparameters describe: "
-            f"{_first_line(error)}"
-        ) from None
-    return module.eval()
 
 
 def task_network(net: MultiTaskNet, task: int, path: Sequence[int] | Tensor) -> TaskNetwork:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lws_lightning.allocator import retain_freed_memory
 from lws_lightning.config_checks import check_config
 from lws_lightning.errors import UserInputError
-from lws_lightning.export import module_from_checkpoint, read_lws_checkpoint
+from lws_lightning.export import read_lws_checkpoint
 from lws_lightning.lit.loggers import WANDB_RUN_ID_KEY, finish_wandb_runs, resume_wandb_run
 from lws_lightning.lit.module import LWSModule
 from lws_lightning.results import collect_results, write_results
@@ -113,12 +113,11 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> ResumedCheckp
         )
     try:
         checkpoint = read_lws_checkpoint(path)
-        checkpoint_module = module_from_checkpoint(checkpoint, path)
     except UserInputError as error:
         raise UserInputError(f"ckpt_path={path} is invalid: {error}") from None
     differing = []
     for key in RESUME_SETTINGS:
-        saved_value = _setting(checkpoint_module.hparams, key)
+        saved_value = _setting(checkpoint["hyper_parameters"], key)
         value = _setting(module.hparams, key)
         if saved_value != value:
             label = "task names" if key == "task_names" else f"model.{key}"
@@ -128,7 +127,7 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> ResumedCheckp
             f"ckpt_path={path} was written by a run with other model settings: "
             f"{'; '.join(differing)}. {_RESUME_HINT}"
         )
-    saved = checkpoint_module.state_dict()
+    saved = checkpoint["state_dict"]
     current = module.state_dict()
     mismatched = sorted(set(saved) ^ set(current))
     mismatched += [
@@ -147,17 +146,28 @@ def _check_checkpoint_path(path: str | None, module: LWSModule) -> ResumedCheckp
     )
 
 
-def _warn_if_nothing_to_train(path: str, checkpoint_step: int, max_steps: int) -> None:
-    """Log a warning when a resumed checkpoint has already reached ``trainer.max_steps``."""
-    if 0 <= max_steps <= checkpoint_step:
+def _log_training_range(cfg: DictConfig, resumed: ResumedCheckpoint | None, num_tasks: int) -> None:
+    """Log the iterations this run trains, or warn that a resumed checkpoint trains no further."""
+    start_step = resumed.step if resumed is not None else 0
+    max_steps = int(cfg.trainer.max_steps)
+    if resumed is not None and 0 <= max_steps <= start_step:
         log.warning(
             "ckpt_path=%s finished %d iterations, and trainer.max_steps=%d is not above that, "
             "so this run trains no further and only tests the checkpoint. Set "
             "trainer.max_steps above %d to train on.",
-            path,
-            checkpoint_step,
+            cfg.ckpt_path,
+            start_step,
             max_steps,
-            checkpoint_step,
+            start_step,
+        )
+    elif max_steps < 0 or start_step < max_steps:
+        log.info(
+            "Training %s with %s sharing on %d tasks from iteration %d to %s",
+            cfg.model.architecture,
+            cfg.model.sharing,
+            num_tasks,
+            start_step,
+            max_steps if max_steps >= 0 else "the trainer's epoch limit",
         )
 
 
@@ -219,10 +229,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except (ValueError, TypeError) as error:
         raise UserInputError(f"The model config is invalid: {error}") from None
     resumed = _check_checkpoint_path(cfg.get("ckpt_path"), module)
-    if resumed is not None:
-        _warn_if_nothing_to_train(cfg.ckpt_path, resumed.step, int(cfg.trainer.max_steps))
-        if resumed.wandb_run_id:
-            _continue_wandb_run(cfg, resumed.wandb_run_id)
+    if resumed is not None and resumed.wandb_run_id:
+        _continue_wandb_run(cfg, resumed.wandb_run_id)
     loggers = _instantiate_group(cfg.get("logger"))
     callbacks = _instantiate_group(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -230,17 +238,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     succeeded = False
     try:
-        start_step = resumed.step if resumed is not None else 0
-        max_steps = int(cfg.trainer.max_steps)
-        if max_steps < 0 or start_step < max_steps:
-            log.info(
-                "Training %s with %s sharing on %d tasks from iteration %d to %s",
-                cfg.model.architecture,
-                cfg.model.sharing,
-                len(datamodule.num_classes),
-                start_step,
-                max_steps if max_steps >= 0 else "the trainer's epoch limit",
-            )
+        _log_training_range(cfg, resumed, len(datamodule.num_classes))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         results = collect_results(module, test_metrics)
