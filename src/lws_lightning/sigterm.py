@@ -24,7 +24,7 @@ def remember() -> None:
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
-    _received.set()
+    mark_received()
 
 
 def mark_received() -> None:

@@ -35,9 +35,9 @@ _SKIPPED_FOLDERS = {"wandb", "csv", "tensorboard", "checkpoints", "__pycache__"}
 
 # Config sections whose values define what a run computes, so the runs of one table cell
 # should agree on them. Runs that differ only in the keys of IGNORED_SETTINGS compute the same
-# quantities: the engine, where the data lies and how it is loaded, and the evaluation batch
-# size change speed, not results. model.sharing names the cell itself. The number of
-# processes counts because each DDP process reads its own batches.
+# quantities: the engine, where the data lies and how it is loaded, and (without a test batch
+# limit) the evaluation batch size change speed, not results. model.sharing names the cell
+# itself. The number of processes counts because each DDP process reads its own batches.
 COMPARED_SECTIONS = ("model", "data")
 COMPARED_KEYS = (
     "trainer.precision",

@@ -60,12 +60,18 @@ def sharing_modes(runs: Sequence[Run]) -> list[str]:
     return known + sorted(modes - set(SHARING_ORDER))
 
 
+def runs_by_cell(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Group ``runs`` by table cell: (experiment, sharing mode)."""
+    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        cells[(run.experiment, run.sharing)].append(run)
+    return dict(cells)
+
+
 def errors_by_cell(runs: Sequence[Run]) -> dict[tuple[str, str], list[float]]:
     """Group the example-weighted test errors by (experiment, sharing mode)."""
-    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for run in runs:
-        cells[(run.experiment, run.sharing)].append(run.error)
-    return dict(cells)
+    cells = runs_by_cell(runs)
+    return {cell: [run.error for run in cell_runs] for cell, cell_runs in cells.items()}
 
 
 def error_table(runs: Sequence[Run]) -> str:
@@ -156,9 +162,10 @@ def weight_table(runs: Sequence[Run]) -> str:
         _row(["experiment", "sharing", "weights used", "full sharing", "no sharing", "used / no"]),
         _row(["---"] * 6),
     ]
+    cells = runs_by_cell(runs)
     for experiment in experiments(runs):
         for mode in sharing_modes(runs):
-            cell = [run for run in runs if run.experiment == experiment and run.sharing == mode]
+            cell = cells.get((experiment, mode))
             if not cell:
                 continue
             used = [run.results["weights"]["assignment"] for run in cell]
@@ -177,9 +184,10 @@ def weight_table(runs: Sequence[Run]) -> str:
 def task_error_table(runs: Sequence[Run]) -> str:
     """Test error per task in percent: mean ± sample standard deviation over runs."""
     lines = [_row(["experiment", "sharing", "task", "test error (%)"]), _row(["---"] * 4)]
+    cells = runs_by_cell(runs)
     for experiment in experiments(runs):
         for mode in sharing_modes(runs):
-            cell = [run for run in runs if run.experiment == experiment and run.sharing == mode]
+            cell = cells.get((experiment, mode))
             if not cell:
                 continue
             for task in cell[0].tasks:
@@ -219,11 +227,8 @@ def mixed_settings(runs: Sequence[Run]) -> list[str]:
     ``Run.settings``), its values and how many runs have each. Runs with the same settings
     and the same seed are repeats, not independent samples, and get a line per seed.
     """
-    cells: dict[tuple[str, str], list[Run]] = defaultdict(list)
-    for run in runs:
-        cells[(run.experiment, run.sharing)].append(run)
     lines = []
-    for (experiment, mode), cell_runs in sorted(cells.items()):
+    for (experiment, mode), cell_runs in sorted(runs_by_cell(runs).items()):
         prefix = f"{experiment}, {_sharing_label(mode)}"
         columns = _pooled_values(cell_runs)
         for label, values in columns.items():
