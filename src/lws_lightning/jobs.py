@@ -101,7 +101,7 @@ def run_job(cfg: DictConfig, train: Callable[[DictConfig], dict[str, Any]]) -> f
         # Lightning records a SIGTERM during its last training or test batch, or after it,
         # without raising, so the run finished.
         sigterm.clear()
-        log.error("The run received SIGTERM as it finished; its results are complete.")
+        log.error("The run received SIGTERM as it finished, and its results are complete.")
         sys.exit(SIGTERM_EXIT_CODE)
     return results["test"]["error"]
 

@@ -172,7 +172,7 @@ def _log_training_range(cfg: DictConfig, resumed: ResumedCheckpoint | None, num_
 
 
 def _continue_wandb_run(cfg: DictConfig, run_id: str) -> None:
-    """Let a single resumed run log into its checkpoint's W&B run; sweep jobs get their own."""
+    """Point a single resumed run at its checkpoint's W&B run. Sweep jobs start their own."""
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if in_sweep:
         log.info(

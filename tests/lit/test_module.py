@@ -211,7 +211,7 @@ def test_checkpoint_after_each_evaluation(compose_config, trio, tmp_path):
 
 
 def test_resumed_app_run_keeps_history(compose_config, tmp_path):
-    """A run resumed from last.ckpt continues the history; last.ckpt has the final step."""
+    """A run resumed from last.ckpt continues the history, and last.ckpt has the final step."""
     common = (
         "+model.architecture_options.width=8",
         "+model.architecture_options.hidden=16",

@@ -255,7 +255,7 @@ def test_sweep_job_starts_own_wandb_run(compose_config, caplog):
     assert "this sweep job starts a run of its own" in caplog.text
 
 
-def test_wandb_id_passes_through_run_without_wandb():
+def test_wandb_id_kept_without_wandb():
     """A checkpoint written without W&B keeps the W&B run id of the one it resumed from."""
     module = LWSModule("dkl_convnet", [2], (1, 28, 28), architecture_options={"width": 4})
     module.on_load_checkpoint(

@@ -293,7 +293,7 @@ def test_run_settings_compare_test_subset():
 
 
 def test_run_settings_skip_unused_by_sharing():
-    """Frozen sharing modes ignore the NES settings; only fixed sharing reads the assignment."""
+    """Frozen sharing modes ignore the NES settings, and only fixed sharing reads the assignment."""
     nes = {"nes_lr": 0.5, "nes_samples": 4, "sgd_samples": 2, "p_min": 0.01}
     for sharing in ("full", "none"):
         assert run_settings({"model": {"sharing": sharing, **nes, "lr": 0.1}}) == {

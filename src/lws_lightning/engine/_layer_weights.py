@@ -77,7 +77,7 @@ def prepared_layers(
       with batch statistics folds into an ``nn.Conv2d`` with few inputs per output value, with
       each group's statistics from its patch moments. The statistics go to ``norm`` for the
       running-statistics update. Calls under autocast or in low precision run unfolded.
-      ``moments`` computes the patch moments of each distinct input group once; pass one
+      ``moments`` computes the patch moments of each distinct input group once. Pass one
       instance to several contexts of a pass to share it, or None for one per context.
 
     Prepared weights depend on the parameters at first use, so leave the context before an
